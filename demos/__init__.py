@@ -1,0 +1,1 @@
+"""vlkit demos (installed as vlkit.demos)."""

@@ -1,0 +1,1 @@
+"""vlkit csp plugin."""

@@ -1,0 +1,1 @@
+"""vlkit retrieval plugin."""

@@ -1,0 +1,1 @@
+"""vlkit ufo plugin."""

@@ -1,0 +1,100 @@
+"""The Accelerate engine: training, exact resume, crash safety, bad input, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlkit.cli import resolve_config
+from vlkit.engine.checkpoint import CheckpointError
+from vlkit.engine.run import train
+from vlkit.engine.trainer import TrainingError
+
+BASE = ["plugin=toy", "model=tiny-test", "train.epochs=3", "train.batch_size=16", "train.eval_batch_size=8",
+        "train.checkpoint_every=4", "train.progress=false", "optim.lr=0.2", "optim.warmup_steps=2"]
+
+
+def _run(tmp_path, name, *extra):
+    plugin, cfg = resolve_config([*BASE, f"run.dir={tmp_path / name}", *extra])
+    return train(cfg, plugin)
+
+
+def _log(tmp_path, name):
+    return [json.loads(x) for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+
+def _weights(tmp_path, name, ckpt="last"):
+    return load_file(str(tmp_path / name / "checkpoints" / ckpt / "task.safetensors"))
+
+
+def test_loss_falls_and_run_folder_is_complete(tmp_path, toy_plugin):
+    metrics = _run(tmp_path, "a")
+    log = _log(tmp_path, "a")
+    assert len(log) == 18 and [r["step"] for r in log] == list(range(1, 19))
+    assert sum(r["loss"] for r in log[-3:]) < 0.2 * sum(r["loss"] for r in log[:3])
+    run = tmp_path / "a"
+    for f in ("config.yaml", "metrics.json", "loss.png", "checkpoints/last/task.safetensors"):
+        assert (run / f).exists(), f
+    assert metrics["val"]["n"] == 37 and metrics["val"]["n_unique"] == 37
+    assert json.loads((run / "metrics.json").read_text())["val"]["mse"] == pytest.approx(metrics["val"]["mse"])
+
+
+def _assert_same_run(tmp_path, a, b):
+    la, lb = _log(tmp_path, a), _log(tmp_path, b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]  # exactly, data order and dropout included
+    wa, wb = _weights(tmp_path, a), _weights(tmp_path, b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, toy_plugin):
+    _run(tmp_path, "full")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut", "toy.die_at_step=7")
+    state = json.loads((tmp_path / "cut/checkpoints/last/trainer_state.json").read_text())
+    assert state["step"] == 7  # saved on the signal, not only on the every-4-steps schedule
+    _run(tmp_path, "cut", "resume=true")
+    _assert_same_run(tmp_path, "full", "cut")
+
+
+def test_hard_crash_resumes_from_last_checkpoint(tmp_path, toy_plugin):
+    _run(tmp_path, "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, "crash", "toy.crash_at_step=11")
+    assert len(_log(tmp_path, "crash")) == 10  # steps 9 and 10 logged after the step-8 checkpoint
+    _run(tmp_path, "crash", "resume=true")
+    _assert_same_run(tmp_path, "full", "crash")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_plugin):
+    with pytest.raises(TrainingError, match="loss became nan"):
+        _run(tmp_path, "nan", "toy.nan_at_step=6")
+    state = json.loads((tmp_path / "nan/checkpoints/last/trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert all(torch.isfinite(v.float()).all() for v in _weights(tmp_path, "nan").values())
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, toy_plugin):
+    with pytest.raises(TrainingError, match="train dataset is empty"):
+        _run(tmp_path, "empty", "toy.n_train=0")
+
+
+def test_existing_run_needs_resume_and_checks_model(tmp_path, toy_plugin):
+    _run(tmp_path, "r", "train.epochs=1")
+    with pytest.raises(CheckpointError, match="resume=true"):
+        _run(tmp_path, "r", "train.epochs=1")
+    with pytest.raises(CheckpointError, match="trained on model 'vlkit-tiny-test'"):
+        _run(tmp_path, "r", "train.epochs=2", "resume=true", "model.name=vlkit-tiny")
+    with pytest.raises(CheckpointError, match="does not fit this task"):
+        _run(tmp_path, "r", "train.epochs=2", "resume=true", "toy.dim=5")
+
+
+def test_best_checkpoint_tracks_val_metric(tmp_path, toy_plugin):
+    metrics = _run(tmp_path, "best", "train.best_metric=mse", "train.best_mode=min")
+    assert metrics["best"]["step"] > 0
+    assert (tmp_path / "best/checkpoints/best/task.safetensors").is_file()
+    log_steps = {r["step"] for r in _log(tmp_path, "best")}
+    assert metrics["best"]["step"] in log_steps

@@ -1,0 +1,7 @@
+"""`python -m vlkit` runs the vlkit command."""
+
+import sys
+
+from vlkit.cli import main
+
+sys.exit(main())

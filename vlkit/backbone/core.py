@@ -1,0 +1,288 @@
+"""The shared CLIP backbone: one wrapper over any open_clip model, its loading paths and its saved form."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.errors import VlkitError
+from vlkit.io import atomic_directory
+from vlkit.registry import did_you_mean
+
+SAVED_CONFIG = "vlkit_backbone.json"
+SAVED_WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+
+
+class BackboneError(VlkitError, RuntimeError):
+    """A backbone could not be built or loaded; the message says how to fix it."""
+
+
+@cache
+def register_vlkit_configs() -> list[str]:
+    """Register vlkit's own tiny architectures (vlkit-tiny, vlkit-tiny-test) with open_clip, once."""
+    open_clip.add_model_config(_CONFIG_DIR)
+    return sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
+
+
+def _model_config(name: str) -> dict[str, Any]:
+    register_vlkit_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        names = open_clip.list_models()
+        raise BackboneError(
+            f"unknown open_clip model {name!r}.{did_you_mean(name, names)} "
+            f"({len(names)} architectures are known; `python -c 'import open_clip; print(open_clip.list_models())'` "
+            f"lists them). vlkit's own: {', '.join(register_vlkit_configs())}. A saved vlkit backbone is a folder path."
+        )
+    return copy.deepcopy(cfg)
+
+
+def _build_model(cfg: dict[str, Any]) -> nn.Module:
+    """Instantiate an open_clip CLIP from a config dict (the json of a model architecture)."""
+    cfg = copy.deepcopy(cfg)
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    if "multimodal_cfg" in cfg:
+        raise BackboneError("CoCa-style models (multimodal_cfg) are not supported as vlkit backbones")
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    return cls(**cfg)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights without unpickling arbitrary objects: safetensors, or torch files with weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(
+                f"could not read {str(path)!r} as a weights file ({type(exc).__name__}: {exc}). vlkit only reads "
+                "safetensors or plain torch state dicts (weights_only=True); convert other files first"
+            ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{str(path)!r} does not hold a state dict of tensors")
+    if state and next(iter(state)).startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str) -> None:
+    """load_state_dict with an error that names the first mismatching tensor and says what to do."""
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            if key == "logit_scale" and own[key].numel() == tensor.numel():
+                state[key] = tensor.reshape(own[key].shape)
+                continue
+            raise BackboneError(
+                f"checkpoint {source!r} does not fit model {model_name!r}: tensor {key!r} has shape "
+                f"{tuple(tensor.shape)} in the file but {tuple(own[key].shape)} in the model. "
+                f"Pick the model name the checkpoint was trained with (model.name=...)."
+            )
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise BackboneError(
+            f"checkpoint {source!r} does not fit model {model_name!r}: "
+            + (f"missing {len(missing)} tensors (first: {missing[0]!r}) " if missing else "")
+            + (f"unexpected {len(unexpected)} tensors (first: {unexpected[0]!r})" if unexpected else "")
+            + ". Pick the model name the checkpoint was trained with (model.name=...)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+class Backbone(nn.Module):
+    """An open_clip CLIP model plus everything plugins need from it: tokenizer, transforms, encoders,
+    text-aligned dense patch features, a uniform view of its blocks, and save/load."""
+
+    def __init__(self, model: nn.Module, name: str, config: dict[str, Any],
+                 preprocess_cfg: dict[str, Any] | None = None, source: str = "random-init") -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.config = config
+        self.source = source
+        self.preprocess_cfg = dict(preprocess_cfg or {})
+        self._tokenizer = open_clip.get_tokenizer(name) if name in open_clip.list_models() else (
+            open_clip.SimpleTokenizer(context_length=self.context_length))
+        self.preprocess = self._transform(is_train=False)
+        self.preprocess_train = self._transform(is_train=True)
+
+    # ---- facts about the model ------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.get("text_cfg", {}).get("context_length", 77))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def identity(self) -> str:
+        """A fingerprint of the architecture and the weights: equal iff the same model and weights."""
+        digest = hashlib.blake2b(digest_size=12)
+        digest.update(json.dumps([self.name, self.config, self.pruned_spec()], sort_keys=True).encode())
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return f"{self.name}:{digest.hexdigest()}"
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def pruned_spec(self) -> dict[str, Any] | None:
+        return getattr(self.model, "vlkit_pruned_spec", None)
+
+    # ---- text and images ------------------------------------------------------------------
+    def _transform(self, is_train: bool):
+        mean = self.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = self.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)
+        return open_clip.image_transform(self.image_size, is_train=is_train, mean=mean, std=std)
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._tokenizer(list(texts), context_length=self.context_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(tokens)
+
+    def dense_features(self, images: torch.Tensor, mode: str = "maskclip") -> torch.Tensor:
+        """Text-aligned patch features [B, h, w, D] in the joint space (unnormalised); see vlkit.backbone.dense."""
+        from vlkit.backbone.dense import dense_features
+
+        return dense_features(self.model.visual, images, mode)
+
+    def blocks(self):
+        """The uniform view of transformer blocks (heads, MLP neurons) used by vlkit.compress."""
+        from vlkit.backbone.blocks import transformer_blocks
+
+        return transformer_blocks(self.model)
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write safetensors weights + a JSON config, atomically, so load_backbone(dir) restores it."""
+        from safetensors.torch import save_file
+
+        with atomic_directory(directory) as tmp:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / SAVED_WEIGHTS))
+            meta = {
+                "format": "vlkit-backbone", "version": FORMAT_VERSION, "name": self.name,
+                "config": self.config, "preprocess_cfg": self.preprocess_cfg,
+                "pruned": self.pruned_spec(), "source": self.source,
+            }
+            (tmp / SAVED_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return Path(directory)
+
+
+def is_saved_backbone(path: str | Path) -> bool:
+    return (Path(path) / SAVED_CONFIG).is_file()
+
+
+def _load_saved(directory: Path) -> Backbone:
+    meta = json.loads((directory / SAVED_CONFIG).read_text())
+    if meta.get("format") != "vlkit-backbone" or meta.get("version", 0) > FORMAT_VERSION:
+        raise BackboneError(f"{str(directory)!r} is not a vlkit backbone folder this version can read")
+    model = _build_model(meta["config"])
+    if meta.get("pruned"):
+        from vlkit.compress.materialize import rebuild_pruned
+
+        rebuild_pruned(model, meta["pruned"])
+    state = read_state_dict(directory / SAVED_WEIGHTS)
+    load_weights_strict(model, state, str(directory), meta["name"])
+    return Backbone(model, meta["name"], meta["config"], meta.get("preprocess_cfg"), source=str(directory))
+
+
+def _load_pretrained_tag(name: str, tag: str, cfg: dict[str, Any]) -> Backbone:
+    """The download path of open_clip, for users with internet; offline it says how to pass a file."""
+    try:
+        model = open_clip.create_model(name, pretrained=tag)
+    except Exception as exc:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        hint = f" Known tags for {name}: {', '.join(tags)}." if tags else ""
+        raise BackboneError(
+            f"could not load pretrained weights {tag!r} for {name!r} ({type(exc).__name__}: {exc}).{hint} "
+            f"Without internet, download the weights elsewhere and pass the file: "
+            f"model.name={name} model.pretrained=/path/to/open_clip_model.safetensors, "
+            f"or a folder with model.name=local-dir:/path/to/folder."
+        ) from exc
+    pcfg = open_clip.get_pretrained_cfg(name, tag)
+    pre = {k: pcfg[k] for k in ("mean", "std") if k in pcfg}
+    return Backbone(model, name, cfg, pre, source=f"{name}:{tag}")
+
+
+def load_backbone(name: str | Path = "vlkit-tiny", pretrained: str | None = None) -> Backbone:
+    """Load a backbone from any of vlkit's sources.
+
+    - a folder written by ``Backbone.save`` (no other information needed);
+    - ``local-dir:/path`` (open_clip's own folder format: open_clip_config.json + weights);
+    - an open_clip model name (``ViT-B-32``, ``vlkit-tiny``) with ``pretrained`` = None (random init),
+      a local weights file (safetensors or a torch state dict), or an open_clip pretrained tag.
+    """
+    register_vlkit_configs()
+    name = str(name)
+    if is_saved_backbone(name):
+        return _load_saved(Path(name))
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise BackboneError(f"{name!r}: expected an open_clip folder with open_clip_config.json and weights")
+        model = open_clip.create_model(name)
+        cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+        return Backbone(model, name, cfg, source=name)
+    if os.sep in name and not Path(name).exists():
+        raise BackboneError(f"backbone folder {name!r} does not exist")
+    if Path(name).is_dir():
+        raise BackboneError(f"{name!r} is a folder without {SAVED_CONFIG}: not a saved vlkit backbone")
+    cfg = _model_config(name)
+    if pretrained and not Path(pretrained).exists() and os.sep not in pretrained:
+        return _load_pretrained_tag(name, pretrained, cfg)
+    model = _build_model(cfg)
+    if pretrained:
+        load_weights_strict(model, read_state_dict(pretrained), pretrained, name)
+    return Backbone(model, name, cfg, source=pretrained or "random-init")
+
+
+def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity matrix [n_images, n_texts]."""
+    return F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T

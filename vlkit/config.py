@@ -1,0 +1,262 @@
+"""Typed configuration: Hydra composes configs/ with key=value overrides, dataclass schemas validate them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from vlkit.errors import VlkitError
+from vlkit.registry import did_you_mean
+
+
+class ConfigError(VlkitError, ValueError):
+    """A bad configuration key or value; raised before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    # An open_clip model name (ViT-B-32, vlkit-tiny), a saved vlkit backbone folder, or local-dir:PATH.
+    name: str = "vlkit-tiny"
+    # None = random init (or the folder's own weights); else an open_clip tag or a local weights file.
+    pretrained: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # shapes = the synthetic world vlkit generates (cached); coco = COCO-format files; czsl = CSP layout.
+    name: str = "shapes"
+    # Dataset root. Empty for shapes means vlkit's cache (VLKIT_CACHE or ~/.cache/vlkit/shapes-<params>).
+    root: str = ""
+    # COCO: image folder and annotation file per split, '{split}' is replaced (train2017 style names work too).
+    images: str = "images/{split}"
+    captions: str = "annotations/captions_{split}.json"
+    instances: str = "annotations/instances_{split}.json"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # Shapes world generation parameters (only for name=shapes).
+    n_train: int = 20000
+    n_val: int = 1000
+    n_test: int = 1000
+    image_size: int = 64
+    seed: int = 0
+    # Use at most this many training items (0 = all): quick experiments and tests.
+    limit_train: int = 0
+    limit_eval: int = 0
+    # raise = stop at the first unreadable image; skip = leave it out and report it.
+    on_error: str = "raise"
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    # cosine | constant | linear, after a linear warmup
+    scheduler: str = "cosine"
+    warmup_steps: int = 100
+    # max gradient norm; 0 disables clipping
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # stop after this many optimizer steps (0 = run all epochs)
+    max_steps: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    grad_accum: int = 1
+    # no | fp16 | bf16 (Accelerate's mixed precision)
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 20
+    # evaluate on val every N steps (0 = at the end of each epoch)
+    eval_every: int = 0
+    # write the 'last' checkpoint every N optimizer steps (0 = only at the end of epochs)
+    checkpoint_every: int = 200
+    # metric that selects the 'best' checkpoint, and whether higher is better
+    best_metric: str = ""
+    best_mode: str = "max"
+    # optional Accelerate tracker: tensorboard | none
+    tracker: str = "none"
+    progress: bool = True
+    cpu: bool = False
+
+
+@dataclass
+class RunConfig:
+    # run folder (empty = runs/<plugin>-<time>); receives config.yaml, checkpoints, metrics.json, plots
+    dir: str = ""
+
+
+@dataclass
+class BaseConfig:
+    plugin: str = "retrieval"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # resume=true continues the run in run.dir from its last checkpoint; resume=PATH from that checkpoint
+    resume: str = ""
+    # eval: the checkpoint (run folder or checkpoint folder) to evaluate, and on which split
+    checkpoint: str = ""
+    split: str = "test"
+
+
+GROUPS = ("model", "data", "optim", "plugin", "experiment")
+
+
+def config_dir() -> Path:
+    return Path(str(resources.files("vlkit.configs")))
+
+
+def schema_for(plugin_name: str, plugin_config: type | None) -> type:
+    """The full schema: the base config plus the plugin's own section under its name."""
+    if plugin_config is None:
+        return BaseConfig
+    return dataclasses.make_dataclass(
+        f"Config_{plugin_name}",
+        [(plugin_name, plugin_config, field(default_factory=plugin_config))],
+        bases=(BaseConfig,),
+    )
+
+
+def valid_keys(schema: type, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf key of a dataclass schema."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        ftype = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(ftype, type) and dataclasses.is_dataclass(ftype):
+            keys += valid_keys(ftype, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _key_error(key: str, schema: type) -> ConfigError:
+    keys = valid_keys(schema)
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent):]]
+    return ConfigError(
+        f"unknown config key {key!r}.{did_you_mean(key, keys)} "
+        f"Valid keys{' under ' + parent[:-1] if parent else ''}: {', '.join(siblings)}"
+    )
+
+
+def validate(raw: DictConfig | dict, schema: type) -> DictConfig:
+    """Merge a composed config into the schema: unknown keys and wrong types fail, naming the key."""
+    base = OmegaConf.structured(schema)
+    try:
+        cfg = OmegaConf.merge(base, raw)
+    except ConfigKeyError as exc:
+        raise _key_error(str(exc.full_key), schema) from None
+    except ValidationError as exc:
+        raise ConfigError(
+            f"bad value for config key {exc.full_key!r}: {exc.msg.splitlines()[0]}"
+        ) from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def _compose_raw(name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    try:
+        with initialize_config_dir(str(config_dir()), version_base=None, job_name="vlkit"):
+            return compose(name, overrides=overrides)
+    except MissingConfigException as exc:
+        msg = str(exc).split("\nConfig search path")[0]
+        raise ConfigError(f"{msg}\n(config files live in {config_dir()})") from None
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            raise ConfigError(f"unknown config key {cause.full_key!r}") from None
+        raise ConfigError(str(exc)) from None
+    except OverrideParseException as exc:
+        raise ConfigError(f"could not parse the overrides {overrides}: {exc}") from None
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), name: str = "train",
+                   plugin_config: type | None = None) -> DictConfig:
+    """Compose configs/<name>.yaml with Hydra-style ``key=value`` overrides and validate it.
+
+    ``plugin_config`` is the dataclass schema of the selected plugin's section; the caller (the CLI)
+    resolves the plugin first so an unknown plugin fails with a did-you-mean before anything else.
+    """
+    # keys were checked against the schema already; '++' lets Hydra set keys the yaml files leave to
+    # the schema's defaults (group selections such as plugin=csp stay as they are)
+    overrides = [o if o.split("=", 1)[0].lstrip("+~") in GROUPS or o.startswith(("+", "~"))
+                 else "++" + o for o in overrides]
+    raw = _compose_raw(name, overrides)
+    plugin = str(raw.get("plugin", "retrieval"))
+    schema = schema_for(plugin, plugin_config)
+    try:
+        return validate(raw, schema)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:  # anything else OmegaConf raises, with its key
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def _known_key(key: str, schema: type) -> bool:
+    return key in valid_keys(schema) or any(k.startswith(key + ".") for k in valid_keys(schema))
+
+
+def check_overrides(overrides: list[str], schema: type) -> None:
+    """Fail early on override keys the schema does not know (Hydra reports them less helpfully)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in GROUPS or key.startswith("hydra."):
+            continue
+        if not _known_key(key, schema):
+            raise _key_error(key, schema)
+
+
+def parse_kv(args: list[str], schema: type) -> Any:
+    """Parse ``key=value`` arguments of a simple command into its dataclass schema (typed, validated)."""
+    check_overrides(args, schema)
+    try:
+        raw = OmegaConf.from_dotlist(list(args))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"could not parse {args}: {exc}") from None
+    return OmegaConf.to_object(validate(raw, schema))
+
+
+def describe(schema: type, prefix: str = "") -> list[str]:
+    """One line per key: name, type and default, for --help."""
+    lines = []
+    for f in dataclasses.fields(schema):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            lines += describe(factory, f"{prefix}{f.name}.")
+            continue
+        default = factory() if factory else f.default
+        tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lines.append(f"  {prefix}{f.name} ({tname}) = {default!r}")
+    return lines
+
+
+def group_options() -> dict[str, list[str]]:
+    root = config_dir()
+    return {
+        g: sorted(p.stem for p in (root / g).glob("*.yaml"))
+        for g in GROUPS if (root / g).is_dir()
+    }
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

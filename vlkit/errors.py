@@ -1,0 +1,5 @@
+"""The base of vlkit's user-facing errors: the CLI prints their message without a traceback."""
+
+
+class VlkitError(Exception):
+    """An error caused by input (a config, a file, a checkpoint) whose message says how to fix it."""
