@@ -36,3 +36,65 @@ def _data(args: list[str]) -> int:
                               image_size=opts.image_size, seed=opts.seed)
     print(summary)
     return 0
+
+
+@dataclass
+class IndexArgs:
+    images: str = ""
+    out: str = ""
+    # a saved backbone folder, an open_clip name, or cached:NAME (a trained default from vlkit's cache)
+    model: str = "cached:vlkit-tiny-shapes"
+    pretrained: str | None = None
+    # a COCO captions file whose captions become the text index (image -> text search)
+    captions: str = ""
+    # flat (exact) or a faiss factory string such as HNSW32 or IVF1024,PQ32
+    kind: str = "flat"
+    batch_size: int = 64
+    workers: int = 2
+    progress: bool = True
+
+
+@dataclass
+class SearchArgs:
+    index: str = ""
+    text: str = ""
+    image: str = ""
+    k: int = 5
+    # images: text/image -> images; texts: image/text -> captions
+    target: str = "images"
+
+
+def load_model_arg(name: str, pretrained: str | None = None):
+    from omegaconf import OmegaConf
+
+    from vlkit.engine.run import load_model
+
+    return load_model(OmegaConf.create({"name": name, "pretrained": pretrained}))
+
+
+@command("index", "embed a folder of images into a search index: vlkit index images=DIR out=INDEX [model=...]",
+         lambda a: _kv_help("index", IndexArgs))
+def _index(args: list[str]) -> int:
+    from vlkit.errors import VlkitError
+    from vlkit.sharded import build_index
+
+    opts = parse_kv(args, IndexArgs)
+    if not opts.images or not opts.out:
+        raise VlkitError("vlkit index needs images=DIR and out=INDEX_DIR")
+    retriever, report = build_index(opts)
+    if retriever is not None:
+        print(f"indexed {len(retriever.indexes['images'])} images into {opts.out}; {report.summary()}")
+    return 0
+
+
+@command("search", "search an index: vlkit search index=DIR text=\"a red circle\" k=5 (or image=PATH)",
+         lambda a: _kv_help("search", SearchArgs))
+def _search(args: list[str]) -> int:
+    from vlkit.retriever import Retriever, iter_hits
+
+    opts = parse_kv(args, SearchArgs)
+    retriever = Retriever.load(opts.index, progress=False)
+    hits = retriever.search(text=opts.text or None, image=opts.image or None, k=opts.k, target=opts.target)
+    for line in iter_hits(hits):
+        print(line)
+    return 0

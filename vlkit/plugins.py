@@ -60,8 +60,11 @@ class Plugin:
     build_data: Callable[..., DataBundle]
     build_task: Callable[..., Any]
     description: str = ""
-    # after_fit(cfg, task, run_dir, metrics, backbone) writes extra artifacts (plots, exported weights)
+    # after_fit(cfg, task, run_dir, metrics, backbone) -> extra metrics: artifacts of a finished training
+    # run (exported weights); called on the main process only
     after_fit: Callable[..., Any] | None = None
+    # report(cfg, task, out_dir, metrics) -> extra metrics: plots and tables, after training and after eval
+    report: Callable[..., Any] | None = None
     demo: Callable[..., Any] | None = None
     # named backbones this plugin can train into a folder (e.g. the retrieval default used by csp/ufo)
     provides: Mapping[str, Callable[..., Any]] = field(default_factory=dict)

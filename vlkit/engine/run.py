@@ -73,10 +73,11 @@ def train(cfg: DictConfig, plugin: Plugin) -> dict[str, Any]:
     trainer.fit(resume)
     metrics = _final_eval(trainer, data)
     if acc.is_main_process:
-        extra = plugin.after_fit(cfg, acc.unwrap_model(trainer.task), run_dir, metrics, backbone) \
-            if plugin.after_fit else None
-        if extra:
-            metrics.update(extra)
+        task = acc.unwrap_model(trainer.task)
+        if plugin.report:
+            metrics.update(plugin.report(cfg, task, run_dir, metrics) or {})
+        if plugin.after_fit:
+            metrics.update(plugin.after_fit(cfg, task, run_dir, metrics, backbone) or {})
         write_metrics(run_dir / "metrics.json", metrics)
         plot_training_log(run_dir / "train_log.jsonl", run_dir / "loss.png")
         acc.print(json.dumps(metrics, indent=2, default=str)[:4000])
@@ -111,8 +112,8 @@ def evaluate(cfg: DictConfig, plugin: Plugin) -> dict[str, Any]:
     metrics = {cfg.split: trainer.evaluate(cfg.split)}
     if acc.is_main_process:
         if out_dir is not None:
-            extra = plugin.after_fit(cfg, task, out_dir, metrics, backbone) if plugin.after_fit else None
-            metrics.update(extra or {})
+            if plugin.report:
+                metrics.update(plugin.report(cfg, task, out_dir, metrics) or {})
             write_metrics(out_dir / f"eval_{cfg.split}.json", metrics)
         print(json.dumps(metrics, indent=2, default=str)[:4000])
     return metrics

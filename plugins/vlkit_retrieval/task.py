@@ -1,0 +1,109 @@
+"""The retrieval task: a ranking/contrastive loss over a batch of (image, caption) pairs, and Recall@K
+both ways over a split's images and all of their captions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlkit.backbone import Backbone
+from vlkit.errors import VlkitError
+from vlkit.metrics.retrieval import Positives, recall_at_k
+from vlkit_retrieval.config import RetrievalConfig
+from vlkit_retrieval.losses import LOSSES, positive_mask
+
+TRAIN_MODES = ("full", "lock_image", "lock_text", "lora")
+
+
+def caption_positives(image_captions: list[list[str]], n_images: int) -> tuple[list[str], Positives]:
+    """All captions of the first ``n_images`` images, and which images each caption describes: its own
+    image, plus every image that has the very same caption (a caption shared by two images matches both)."""
+    captions = [c for caps in image_captions[:n_images] for c in caps]
+    owner = [k for k, caps in enumerate(image_captions[:n_images]) for _ in caps]
+    images_of: dict[str, set[int]] = {}
+    for cap, k in zip(captions, owner):
+        images_of.setdefault(" ".join(cap.lower().split()), set()).add(k)
+    text_idx, image_idx = [], []
+    for t, cap in enumerate(captions):
+        for k in sorted(images_of[" ".join(cap.lower().split())]):
+            text_idx.append(t)
+            image_idx.append(k)
+    return captions, Positives.from_pairs(text_idx, image_idx, len(captions), n_images)
+
+
+def set_trainable(backbone: Backbone, mode: str, cfg: RetrievalConfig) -> None:
+    if mode not in TRAIN_MODES:
+        raise VlkitError(f"retrieval.train_mode={mode!r} is not one of {', '.join(TRAIN_MODES)}")
+    model = backbone.model
+    if mode == "lora":
+        from vlkit_retrieval.lora import add_lora
+
+        add_lora(backbone, cfg)
+        return
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if mode == "lock_image":
+        model.visual.requires_grad_(False)
+    elif mode == "lock_text":
+        for name, p in model.named_parameters():
+            if not name.startswith("visual.") and name != "logit_scale":
+                p.requires_grad_(False)
+
+
+class RetrievalTask(nn.Module):
+    def __init__(self, backbone: Backbone, cfg: RetrievalConfig, eval_sets: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.eval_sets = eval_sets  # split -> EvalImages (captions live on .source)
+        set_trainable(backbone, cfg.train_mode, cfg)
+
+    def loss(self, img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        fn = LOSSES.get(self.cfg.loss)
+        if self.cfg.loss == "ranking":
+            return fn(img, txt, pos, margin=self.cfg.margin, max_violation=self.cfg.max_violation)
+        scale = self.backbone.logit_scale
+        if self.cfg.loss == "contrastive":
+            return fn(img, txt, pos, scale)
+        weights = {"ranking": self.cfg.ranking_weight, "contrastive": self.cfg.contrastive_weight}
+        return fn(img, txt, pos, scale, weights=weights, margin=self.cfg.margin,
+                  max_violation=self.cfg.max_violation)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        img = self.backbone.encode_image(batch["image"])
+        txt = self.backbone.encode_text(batch["tokens"])
+        pos = positive_mask(batch["image_id"], batch["captions"], device=img.device)
+        with torch.no_grad():
+            hit = ((img @ txt.T).argmax(dim=1) == torch.arange(len(img), device=img.device)).float().mean()
+        # clamp like CLIP: a logit scale above 100 makes the contrastive loss unstable
+        with torch.no_grad():
+            self.backbone.model.logit_scale.clamp_(0, 4.6052)
+        return {"loss": self.loss(img, txt, pos), "batch_i2t_acc": hit, "logit_scale": self.backbone.logit_scale}
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"image_emb": self.backbone.encode_image(batch["image"]), "index": batch["index"]}
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.backbone.tokenize(texts[i:i + batch_size]).to(self.backbone.device)
+            out.append(self.backbone.encode_text(tokens).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def compute_metrics(self, outputs: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+        order = outputs["index"].argsort()
+        index = outputs["index"][order]
+        if not torch.equal(index, torch.arange(len(index))):
+            raise RuntimeError(f"gathered {split} outputs are not one per image: duplicates or gaps")
+        image_emb = outputs["image_emb"][order].float()
+        source = self.eval_sets[split].source
+        captions, positives = caption_positives(source.image_captions, len(index))
+        text_emb = self.encode_texts(captions).float()
+        metrics = recall_at_k(text_emb @ image_emb.T, positives, ks=tuple(self.cfg.ks))
+        metrics.update(n_images=float(len(index)), n_captions=float(len(captions)))
+        return metrics
