@@ -24,10 +24,9 @@ MODES = ("plain", "maskclip", "clearclip")
 def _qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """q, k, v as [B, heads, T, head_dim] from a block's attention and its pre-norm input."""
     attn = block.attn
-    if isinstance(attn, nn.MultiheadAttention):
+    # nn.MultiheadAttention, open_clip's Attention and vlkit.compress's PrunedAttention share these names
+    if getattr(attn, "in_proj_weight", None) is not None and getattr(attn, "ln_q", None) is None:
         weight, bias, heads = attn.in_proj_weight, attn.in_proj_bias, attn.num_heads
-    elif hasattr(attn, "qkv_weight"):  # vlkit.compress PrunedAttention
-        weight, bias, heads = attn.qkv_weight, attn.qkv_bias, attn.num_heads
     else:
         raise NotImplementedError(
             f"dense features need an attention with packed q/k/v projections; got {type(attn).__name__}"

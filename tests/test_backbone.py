@@ -1,0 +1,134 @@
+"""The shared backbone: every loading path, the saved form, errors, and dense features."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlkit.backbone import BackboneError, load_backbone
+from vlkit.backbone.dense import dense_features
+
+
+@pytest.fixture(scope="module")
+def bb():
+    torch.manual_seed(0)
+    return load_backbone("vlkit-tiny-test").eval()
+
+
+@pytest.fixture(scope="module")
+def batch(bb):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, bb.image_size, bb.image_size, generator=g), bb.tokenize(["a red circle", "a star"])
+
+
+def test_save_load_round_trip_is_identical(bb, batch, tmp_path):
+    images, tokens = batch
+    bb.save(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved").iterdir()} == {"model.safetensors", "vlkit_backbone.json"}
+    again = load_backbone(tmp_path / "saved").eval()
+    assert torch.equal(again.encode_image(images), bb.encode_image(images))
+    assert torch.equal(again.encode_text(tokens), bb.encode_text(tokens))
+    assert again.identity == bb.identity and again.name == "vlkit-tiny-test"
+
+
+def test_identity_changes_with_weights(bb, tmp_path):
+    other = load_backbone("vlkit-tiny-test")
+    assert other.identity != bb.identity
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_weights_file(bb, batch, tmp_path, suffix):
+    images, _ = batch
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    if suffix == ".pt":
+        torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    else:
+        save_file(state, str(path))
+    loaded = load_backbone("vlkit-tiny-test", pretrained=str(path)).eval()
+    assert torch.equal(loaded.encode_image(images), bb.encode_image(images))
+
+
+def test_shape_mismatch_names_the_first_tensor(tmp_path):
+    state = load_backbone("vlkit-tiny").model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "tiny.safetensors"))
+    with pytest.raises(BackboneError) as err:
+        load_backbone("vlkit-tiny-test", pretrained=str(tmp_path / "tiny.safetensors"))
+    msg = str(err.value)
+    assert "'positional_embedding'" in msg or "tensor '" in msg
+    assert "[16, 64]" in msg.replace("(", "[").replace(")", "]") or "shape" in msg
+    assert "model.name" in msg
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(BackboneError, match="weights_only"):
+        load_backbone("vlkit-tiny-test", pretrained=str(tmp_path / "evil.pt"))
+
+
+def test_unknown_model_suggests_names():
+    with pytest.raises(BackboneError, match="Did you mean 'ViT-B-32'"):
+        load_backbone("ViT-B-23")
+
+
+def test_offline_pretrained_tag_says_how_to_pass_a_file(monkeypatch):
+    def offline(*a, **k):
+        raise RuntimeError("Failed to download weights: no network")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(BackboneError) as err:
+        load_backbone("ViT-B-32", pretrained="openai")
+    assert "model.pretrained=/path/to" in str(err.value) and "local-dir:" in str(err.value)
+
+
+def test_local_dir_schema(bb, batch, tmp_path):
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": bb.config, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    loaded = load_backbone(f"local-dir:{folder}").eval()
+    assert torch.equal(loaded.encode_image(batch[0]), bb.encode_image(batch[0]))
+
+
+@pytest.mark.parametrize("mode", ["plain", "maskclip", "clearclip"])
+def test_dense_features_shape(bb, batch, mode):
+    feats = bb.dense_features(batch[0], mode=mode)
+    grid = bb.image_size // 8
+    assert feats.shape == (2, grid, grid, bb.embed_dim)
+
+
+def test_plain_dense_path_agrees_with_encode_image(bb, batch):
+    _, cls = dense_features(bb.model.visual, batch[0], "plain", return_cls=True)
+    torch.testing.assert_close(cls, bb.encode_image(batch[0], normalize=False), rtol=1e-5, atol=1e-5)
+
+
+def test_maskclip_last_block_is_local_and_clearclip_mixes(bb):
+    """MaskCLIP's value path keeps each token's own content; ClearCLIP's q-q attention mixes tokens."""
+    from vlkit.backbone.dense import _last_block_dense
+
+    block = bb.model.visual.transformer.resblocks[-1]
+    x = torch.randn(1, 5, bb.model.visual.transformer.width, generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    y[0, 2] += torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(4))
+    for mode, local in (("maskclip", True), ("clearclip", False)):
+        diff = (_last_block_dense(block, y, mode) - _last_block_dense(block, x, mode)).abs().amax(dim=-1)[0]
+        assert diff[2] > 1e-4
+        others = torch.cat([diff[:2], diff[3:]])
+        assert (others.max() == 0) if local else (others.max() > 1e-6)
+
+
+def test_tokenizer_and_preprocess(bb):
+    from PIL import Image
+
+    tokens = bb.tokenize(["a red circle"])
+    assert tokens.shape == (1, bb.context_length) and tokens[0, 0] == 49406
+    x = bb.preprocess(Image.new("RGB", (100, 60), (255, 0, 0)))
+    assert x.shape == (3, bb.image_size, bb.image_size)

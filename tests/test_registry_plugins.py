@@ -1,0 +1,109 @@
+"""Registry, plugin discovery through entry points, register_plugin, and the CLI's errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+import vlkit
+from vlkit.cli import main
+from vlkit.plugins import Plugin, PluginError, get_plugin
+from vlkit.registry import Registry
+
+
+def test_registry_register_get_duplicate_and_miss():
+    reg: Registry[int] = Registry("loss")
+    reg.register("hinge", 1)
+
+    @reg.register("contrastive")
+    def f():
+        return 2
+
+    assert reg.get("hinge") == 1 and reg.get("contrastive") is f and reg.names() == ["contrastive", "hinge"]
+    with pytest.raises(KeyError, match="already registered"):
+        reg.register("hinge", 3)
+    with pytest.raises(KeyError) as err:
+        reg.get("hnge")
+    msg = str(err.value)
+    assert "unknown loss 'hnge'" in msg and "Did you mean 'hinge'" in msg and "contrastive, hinge" in msg
+
+
+def test_first_party_plugins_are_listed_without_import():
+    before = set(sys.modules)
+    names = vlkit.list_plugins()
+    assert {"csp", "retrieval", "ufo"} <= set(names)
+    assert not {"vlkit_csp", "vlkit_ufo"} & (set(sys.modules) - before)
+
+
+@pytest.mark.parametrize("name", ["retrieval", "csp", "ufo"])
+def test_first_party_plugins_load_as_validated_bundles(name):
+    plugin = get_plugin(name)
+    assert isinstance(plugin, Plugin) and plugin.name == name
+
+
+def test_unknown_plugin_suggests_and_lists():
+    with pytest.raises(PluginError) as err:
+        get_plugin("cps")
+    assert "Did you mean 'csp'" in str(err.value) and "retrieval" in str(err.value)
+
+
+@dataclass
+class _Cfg:
+    x: int = 1
+
+
+def _noop(*a):
+    return None
+
+
+def test_register_plugin_validates_and_rejects_duplicates():
+    p = vlkit.register_plugin(name="notebook_task", config=_Cfg, build_data=_noop, build_task=_noop)
+    try:
+        assert get_plugin("notebook_task") is p and "notebook_task" in vlkit.list_plugins()
+        with pytest.raises(KeyError, match="already registered"):
+            vlkit.register_plugin(name="notebook_task", config=_Cfg, build_data=_noop, build_task=_noop)
+    finally:
+        vlkit.plugins.unregister_plugin("notebook_task")
+    with pytest.raises(PluginError, match="already installed"):
+        vlkit.register_plugin(name="csp", config=_Cfg, build_data=_noop, build_task=_noop)
+    with pytest.raises(PluginError, match="must be a dataclass"):
+        Plugin(name="bad", config=dict, build_data=_noop, build_task=_noop)
+
+
+def test_plugin_whose_import_fails_names_entry_point(monkeypatch):
+    from importlib import metadata
+
+    ep = metadata.EntryPoint(name="broken", value="vlkit_no_such_module:plugin", group="vlkit.plugins")
+    monkeypatch.setattr(vlkit.plugins, "_entry_points", lambda: {"broken": ep})
+    with pytest.raises(PluginError) as err:
+        get_plugin("broken")
+    assert "vlkit_no_such_module:plugin" in str(err.value) and "ModuleNotFoundError" in str(err.value)
+    assert isinstance(err.value.__cause__, ModuleNotFoundError)
+
+
+def test_cli_unknown_plugin_and_key_fail_before_work(capsys):
+    assert main(["train", "plugin=cps"]) == 2
+    assert "Did you mean 'csp'" in capsys.readouterr().err
+    assert main(["train", "plugin=csp", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lrr" in err and "optim.lr" in err
+    assert main(["train", "plugin=csp", "optim.lr=abc"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_cli_help_lists_groups_and_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "plugin: csp, retrieval, ufo" in out
+    assert main(["train", "--help", "plugin=retrieval"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr (float)" in out and "retrieval.margin" in out
+
+
+def test_console_script_lists_plugins_from_another_directory(tmp_path):
+    exe = sys.executable.replace("python", "vlkit")
+    out = subprocess.run([exe, "plugins"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert [line.split()[0] for line in out.splitlines()][:3] == ["csp", "retrieval", "ufo"]

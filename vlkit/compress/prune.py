@@ -1,0 +1,194 @@
+"""Structured pruning of open_clip towers under a FLOP budget: importance -> selection -> materialize -> report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlkit.backbone.blocks import available_towers, transformer_blocks
+from vlkit.compress.conv import prune_conv_channels
+from vlkit.compress.flops import TowerFlops, count_flops, dummy_inputs, flop_model
+from vlkit.compress.importance import Importances, magnitude_importance, optin_importance, random_importance
+from vlkit.compress.materialize import count_parameters, materialize
+
+__all__ = [
+    "magnitude_importance", "optin_importance", "plot_kept_units", "prune_backbone", "prune_conv_channels",
+    "random_importance", "select_under_budget",
+]
+Key = tuple[str, int]
+METHODS = ("optin", "magnitude", "random")
+
+
+def _ranked(scores: dict[Key, torch.Tensor], costs: dict[Key, int], minimum: int):
+    """(forced units, ranked free units) as lists of (score, cost, key, index); forced = per-block top-``minimum``."""
+    forced, free = [], []
+    for key, s in scores.items():
+        order = torch.argsort(s, descending=True, stable=True).tolist()
+        for rank, i in enumerate(order):
+            (forced if rank < minimum else free).append((float(s[i]), costs[key], key, i))
+    free.sort(key=lambda u: -u[0])
+    return forced, free
+
+
+def _prefix(units) -> tuple[torch.Tensor, torch.Tensor]:
+    cost = torch.tensor([0.0] + [float(u[1]) for u in units], dtype=torch.float64).cumsum(0)
+    value = torch.tensor([0.0] + [u[0] for u in units], dtype=torch.float64).cumsum(0)
+    return cost, value
+
+
+def _best_split(heads, neurons, budget: float) -> tuple[int, int]:
+    """The (k heads, m neurons), each a prefix of its ranking, with the largest total score within budget.
+
+    With one cost per unit kind (true within a tower) this is the exact optimum of the two-kind knapsack,
+    the search OPTIN runs (prune/main_prune.py: globalRankingLanguage)."""
+    hc, hv = _prefix(heads)
+    nc, nv = _prefix(neurons)
+    best, best_key = (0, 0), (-1.0, -1)
+    for k in range(len(heads) + 1):
+        rest = budget - float(hc[k])
+        if rest < 0:
+            break
+        m = int(torch.searchsorted(nc, torch.tensor([rest], dtype=torch.float64), right=True)) - 1
+        key = (float(hv[k] + nv[m]), k + m)
+        if key > best_key:
+            best, best_key = (k, m), key
+    return best
+
+
+def _select_tower(imp: Importances, tf: TowerFlops, keys: list[Key], flops: float,
+                  min_heads: int, min_neurons: int) -> tuple[dict, dict, dict[str, Any]]:
+    head_cost = {k: tf.head_cost[k[1]] for k in keys}
+    neuron_cost = {k: tf.neuron_cost[k[1]] for k in keys}
+    for kind in ("heads", "neurons"):
+        if any(float(imp[kind][k].min()) < 0 for k in keys if imp[kind][k].numel()):
+            raise ValueError(f"importances must be >= 0 ({kind} of the {tf.tower} tower are not)")
+    f_h, heads = _ranked({k: imp["heads"][k] for k in keys}, head_cost, min_heads)
+    f_n, neurons = _ranked({k: imp["neurons"][k] for k in keys}, neuron_cost, min_neurons)
+    budget = int(flops * tf.dense)
+    free = budget - tf.fixed - sum(u[1] for u in f_h + f_n)
+    if free < 0:
+        raise ValueError(f"{tf.tower}: a budget of {flops:.0%} ({budget} FLOPs) cannot hold the fixed part "
+                         f"({tf.fixed}) plus the per-block minimums; raise flops or lower min_heads/min_neurons")
+    k, m = _best_split(heads, neurons, free)
+    hm = {key: torch.zeros_like(imp["heads"][key], dtype=torch.float32) for key in keys}
+    nm = {key: torch.zeros_like(imp["neurons"][key], dtype=torch.float32) for key in keys}
+    for _, _, key, i in f_h + heads[:k]:
+        hm[key][i] = 1.0
+    for _, _, key, i in f_n + neurons[:m]:
+        nm[key][i] = 1.0
+    heads_per = [int(hm[key].sum()) for key in keys]
+    neurons_per = [int(nm[key].sum()) for key in keys]
+    info = {"budget": budget, "dense": tf.dense, "selected": tf.total(heads_per, neurons_per)}
+    return hm, nm, info
+
+
+def select_under_budget(importances: Importances, flop_models: dict[str, TowerFlops], flops: float = 0.6, *,
+                        min_heads: int = 0, min_neurons: int = 0) -> tuple[dict, dict, dict[str, Any]]:
+    """Binary head/neuron masks keeping, per tower, FLOPs <= ``flops`` x the tower's current FLOPs.
+
+    Heads and neurons are ranked separately (highest importance first); the kept sets are a prefix of each
+    ranking, chosen to maximise total kept importance within the budget (OPTIN's global-ranking search).
+    ``min_heads`` / ``min_neurons`` reserve each block's top units first. Returns (head_masks, neuron_masks,
+    info per tower)."""
+    if not 0.0 < flops <= 1.0:
+        raise ValueError(f"flops is a fraction of the dense FLOPs in (0, 1], got {flops}")
+    head_masks, neuron_masks, info = {}, {}, {}
+    for tower, tf in flop_models.items():
+        keys = sorted(k for k in importances["heads"] if k[0] == tower)
+        if not keys:
+            continue
+        hm, nm, info[tower] = _select_tower(importances, tf, keys, flops, min_heads, min_neurons)
+        head_masks.update(hm)
+        neuron_masks.update(nm)
+    return head_masks, neuron_masks, info
+
+
+def _importances(model, method, towers, calib_images, calib_texts, seed, **optin_kw) -> Importances:
+    if method == "optin":
+        return optin_importance(model, calib_images, calib_texts, towers=towers, seed=seed, **optin_kw)
+    if method == "magnitude":
+        return magnitude_importance(model, towers)
+    if method == "random":
+        return random_importance(model, towers, seed=seed)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _tower_report(tower: str, before: TowerFlops, after: TowerFlops, counted0: int, counted1: int,
+                  flops: float) -> dict[str, Any]:
+    return {
+        "kept_heads": after.n_heads, "total_heads": before.n_heads,
+        "kept_neurons": after.mlp_hidden, "total_neurons": before.mlp_hidden,
+        "flops_before_analytic": before.dense, "flops_after_analytic": after.dense,
+        "flops_before_counted": counted0, "flops_after_counted": counted1,
+        "flops_ratio": counted1 / max(counted0, 1), "budget_met": counted1 <= flops * counted0,
+    }
+
+
+def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
+                   calib_images: torch.Tensor | None = None, calib_texts: torch.Tensor | None = None, *,
+                   towers: Sequence[str] | None = None, seed: int = 0, min_heads: int = 0, min_neurons: int = 0,
+                   inplace: bool = False, **optin_kw: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """One-shot structured pruning of an open_clip model's transformer towers to ``flops`` x dense FLOPs.
+
+    ``model`` is the open_clip module (``Backbone.model``); calibration inputs are preprocessed images
+    [B, 3, S, S] and token ids [N, L] (needed by "optin" for each pruned tower). FLOPs are per input and
+    budgeted per tower. Returns (pruned model, report) where report holds kept units per block, FLOPs
+    before/after (analytic and FlopCounterMode-counted), params before/after and the pruned spec."""
+    towers = tuple(towers) if towers is not None else available_towers(model)
+    transformer_blocks(model, towers)  # clear error for towers that cannot be pruned this way
+    was_training = model.training
+    model.eval()
+    imp = _importances(model, method, towers, calib_images, calib_texts, seed, **optin_kw)
+    fm_before = flop_model(model, towers)
+    head_masks, neuron_masks, info = select_under_budget(imp, fm_before, flops, min_heads=min_heads,
+                                                         min_neurons=min_neurons)
+    images, tokens = dummy_inputs(model, 1)
+    images = calib_images[:1] if calib_images is not None else images
+    tokens = calib_texts[:1] if calib_texts is not None else tokens
+    args = (images if "image" in towers else None, tokens if "text" in towers else None)
+    counted_before, params_before = count_flops(model, *args), count_parameters(model)
+    pruned = materialize(model, head_masks, neuron_masks, inplace=inplace)
+    counted_after, fm_after = count_flops(pruned, *args), flop_model(pruned, towers)
+    model.train(was_training)
+    pruned.train(was_training)
+    report = {
+        "method": method, "flops_target": flops, "seed": seed,
+        "towers": {t: _tower_report(t, fm_before[t], fm_after[t], counted_before[t], counted_after[t], flops)
+                   for t in towers},
+        "params_before": params_before, "params_after": count_parameters(pruned),
+        "selection": info, "spec": getattr(pruned, "vlkit_pruned_spec", None),
+    }
+    return pruned, report
+
+
+def plot_kept_units(report: dict[str, Any], path: str | Path) -> Path:
+    """A PNG bar chart of kept vs total heads and neurons per block, one row per tower."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    towers = list(report["towers"])
+    fig, axes = plt.subplots(len(towers), 2, figsize=(10, 3 * len(towers)), squeeze=False)
+    for row, tower in enumerate(towers):
+        rep = report["towers"][tower]
+        for col, kind in enumerate(("heads", "neurons")):
+            ax, kept, total = axes[row][col], rep[f"kept_{kind}"], rep[f"total_{kind}"]
+            idx = range(len(total))
+            ax.bar(idx, total, color="#d0d0d0", label="dense")
+            ax.bar(idx, kept, color="#3b75af", label="kept")
+            ax.set_title(f"{tower}: kept {kind} ({sum(kept)}/{sum(total)})")
+            ax.set_xlabel("block")
+            ax.set_xticks(list(idx))
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{report['method']} @ {report['flops_target']:.0%} FLOPs")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
