@@ -103,6 +103,7 @@ def evaluate(cfg: DictConfig, plugin: Plugin) -> dict[str, Any]:
     acc = make_accelerator(cfg)
     with acc.main_process_first():
         backbone, data, task = build(cfg, plugin)
+    task.to(acc.device)
     if cfg.checkpoint:
         path = find_checkpoint(cfg.checkpoint, prefer="best")
         load_checkpoint(path, task, None, cfg.plugin, cfg.model.name, restore_rng=False)

@@ -85,6 +85,7 @@ class Trainer:
         self.task = task
         self.state = TrainerState(plugin=cfg.plugin, model=cfg.model.name)
         self.log_path = self.run_dir / "train_log.jsonl"
+        self._evaluated_at = -1
 
     # ---- data ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
@@ -102,6 +103,11 @@ class Trainer:
         train_dl = self._loader(_check_dataset(self.data.train, "train"), cfg.train.batch_size, shuffle=True)
         params = [p for p in self.task.parameters() if p.requires_grad]
         if not params:
+            reason = getattr(self.task, "evaluation_only", None)
+            if reason:  # e.g. hand-written prompts: nothing to learn, the run only evaluates
+                self.acc.print(f"plugin {cfg.plugin!r}: {reason}; nothing to train, evaluating only")
+                self.task = self.acc.prepare(self.task)
+                return self.state
             raise TrainingError(f"plugin {cfg.plugin!r} built a task with no trainable parameters")
         optimizer = build_optimizer(cfg.optim, self.task)
         self.task, optimizer, train_dl = self.acc.prepare(self.task, optimizer, train_dl)
@@ -118,7 +124,8 @@ class Trainer:
             self.acc.init_trackers(cfg.plugin)
         with _StopFlag() as stop:
             self._loop(train_dl, optimizer, scheduler, total, steps_per_epoch, stop)
-        self.save(optimizer, scheduler, "last")
+        if self._evaluated_at != self.state.step:  # the final step's model is evaluated (and saved) too
+            self._maybe_eval(optimizer, scheduler)
         return self.state
 
     def _loop(self, train_dl, optimizer, scheduler, total: int, steps_per_epoch: int, stop: _StopFlag) -> None:
@@ -196,6 +203,7 @@ class Trainer:
     def _maybe_eval(self, optimizer, scheduler) -> None:
         """Evaluate on val (when there is one), then save 'last' and, if it improved, 'best'."""
         improved = False
+        self._evaluated_at = self.state.step
         if self.data.val is not None and self.cfg.train.best_metric:
             metrics = self.evaluate("val")
             value = metrics.get(self.cfg.train.best_metric)

@@ -1,0 +1,47 @@
+"""The `csp:` config section: which prompting method, its regularisation, and how it is evaluated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+METHODS: tuple[str, ...] = ("csp", "coop", "clip")
+
+
+@dataclass
+class CSPConfig:
+    # csp = learned attribute/object vocabulary; coop = learned context "a photo of";
+    # clip = hand-written prompts "a photo of attr obj" (nothing to train: use `vlkit eval`)
+    method: str = "csp"
+    # dropout on the soft vocabulary while training (CSP's --attr_dropout: every element of every
+    # attribute *and* object vector, rescaled by 1/(1-p)); ignored by coop and clip
+    attr_dropout: float = 0.3
+    # prompt prefix; the attribute and object (soft or hard) come right after it, before end-of-text
+    template: str = "a photo of"
+    # also report open-world metrics (every attr x obj, feasibility threshold chosen on val)
+    open_world: bool = True
+    # thresholds tried on val for the open-world feasibility filter (CSP's --threshold_trials)
+    n_thresholds: int = 50
+    # prompts per text-encoder batch when every pair is scored at evaluation
+    text_batch_size: int = 512
+    # the pair-split folder of the CZSL root (CSP layout)
+    split_name: str = "compositional-split-natural"
+    # eval: also score every image against these pairs and print the top ones: any composition of the
+    # vocabulary (words it lacks use their pretrained token embeddings). A Hydra list or a quoted string:
+    # csp.pairs="[striped circle,dotted star]" or csp.pairs="'striped circle,dotted star'"
+    pairs: Any = ""
+    # how many images' predictions to print when csp.pairs is set
+    show: int = 10
+
+
+def check_config(cfg: Any) -> None:
+    """Fail on a bad csp section before any data is generated or read."""
+    from vlkit.config import ConfigError
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"csp.method={cfg.method!r} is not a method; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= cfg.attr_dropout < 1.0:
+        raise ConfigError(f"csp.attr_dropout={cfg.attr_dropout} must be in [0, 1)")
+    for key in ("n_thresholds", "text_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"csp.{key}={getattr(cfg, key)} must be >= 1")
