@@ -110,6 +110,11 @@ def _load_extra_commands() -> None:
     import vlkit.commands  # noqa: F401
     import vlkit.compress.commands  # noqa: F401
 
+    try:
+        import vlkit.demo_command  # noqa: F401
+    except ImportError:  # gradio is a required dependency; a broken install still gets the other commands
+        pass
+
 
 def _usage() -> str:
     _load_extra_commands()

@@ -1,0 +1,142 @@
+"""The retrieval plugin end to end, LoRA adapters, and the Retriever API with its index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from vlkit.backbone import load_backbone
+from vlkit.cli import main, resolve_config
+from vlkit.data.shapes import generate_shapes
+from vlkit.engine.run import train
+from vlkit.index import IndexMismatchError
+from vlkit.retriever import Retriever
+from vlkit_retrieval.config import RetrievalConfig
+from vlkit_retrieval.lora import add_lora, load_adapter, merge_lora, save_adapter
+from vlkit_retrieval.task import caption_positives
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, n_train=48, n_val=16, n_test=16, image_size=32, seed=3, progress=False, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bb") / "tiny"
+    load_backbone("vlkit-tiny-test").save(path)
+    return path
+
+
+def test_caption_positives_share_identical_captions():
+    caps, pos = caption_positives([["a red circle", "a star"], ["A red  circle"], ["a ring"]], 3)
+    assert caps == ["a red circle", "a star", "A red  circle", "a ring"]
+    assert pos.rows(0, 4).tolist() == [[True, True, False], [True, False, False], [True, True, False],
+                                       [False, False, True]]
+
+
+def test_training_raises_recall_and_exports_backbone(world, tmp_path):
+    # test on the training images: on a world this small, fitting them is the signal a short run can show
+    args = ["plugin=retrieval", "model=tiny-test", f"data.root={world}", "data.test_split=train",
+            "train.epochs=20", "train.batch_size=16", "train.progress=false", "train.checkpoint_every=0",
+            "train.eval_every=1000", "optim.lr=3e-4", "optim.warmup_steps=5", "retrieval.export_as=tiny-world",
+            "train.best_metric="]
+    plugin, cfg = resolve_config([*args, "train.epochs=0", "train.max_steps=1", f"run.dir={tmp_path / 'r0'}"])
+    before = train(cfg, plugin)
+    plugin, cfg = resolve_config([*args, f"run.dir={tmp_path / 'r'}"])
+    after = train(cfg, plugin)
+    assert after["test"]["rsum"] > before["test"]["rsum"] + 60  # chance is about 66 on 48 images
+    log = [json.loads(x) for x in (tmp_path / "r/train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    exported = load_backbone(tmp_path / "r" / "backbone")
+    from vlkit.cache import backbone_dir
+
+    assert load_backbone(backbone_dir("tiny-world")).identity == exported.identity
+
+
+def test_lock_image_trains_only_the_text_tower(tiny_dir):
+    from vlkit_retrieval.task import set_trainable
+
+    bb = load_backbone(tiny_dir)
+    set_trainable(bb, "lock_image", RetrievalConfig())
+    trainable = {n for n, p in bb.model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("visual.") for n in trainable)
+
+
+def test_lora_adapter_save_load_merge_round_trip(tiny_dir, tmp_path):
+    cfg = RetrievalConfig(train_mode="lora", lora_rank=4, lora_alpha=8)
+    bb = load_backbone(tiny_dir)
+    add_lora(bb, cfg)
+    trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # peft initialises B to zero: make the adapters do something
+        for n, p in bb.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    images = torch.randn(2, 3, bb.image_size, bb.image_size)
+    tokens = bb.tokenize(["a red circle", "two stars"])
+    with torch.no_grad():
+        ref_i, ref_t = bb.encode_image(images), bb.encode_text(tokens)
+    save_adapter(bb, tmp_path / "adapter")
+    assert (tmp_path / "adapter/adapter.safetensors").stat().st_size < 200_000
+    fresh = load_backbone(tiny_dir)
+    load_adapter(fresh, tmp_path / "adapter")
+    merged = merge_lora(fresh)
+    assert not any("lora" in n for n, _ in merged.model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged.encode_image(images), ref_i, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged.encode_text(tokens), ref_t, rtol=1e-5, atol=1e-5)
+    merged.save(tmp_path / "merged")
+    again = load_backbone(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(tokens), ref_t, rtol=1e-5, atol=1e-5)
+
+
+def test_retriever_search_save_load_and_wrong_backbone(world, tiny_dir, tmp_path):
+    bb = load_backbone(tiny_dir)
+    folder = tmp_path / "imgs"
+    shutil.copytree(world / "images" / "test", folder)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "notes.jpg").write_text("hello")
+    retriever = Retriever(bb, num_workers=0, progress=False)
+    report = retriever.add_images(folder)
+    assert report.count == 2 and sorted(report.names) == ["broken.png", "notes.jpg"]
+    assert len(retriever.indexes["images"]) == 16
+    retriever.add_texts(["a red circle", "a blue star"])
+    first = retriever.search(image=folder / "000001.png", k=3)
+    assert first[0].metadata["path"].endswith("000001.png") and first[0].score == pytest.approx(1.0, abs=1e-5)
+    hits = retriever.search(text="a red circle", k=5)
+    retriever.save(tmp_path / "index")
+    loaded = Retriever.load(tmp_path / "index", progress=False)
+    again = loaded.search(text="a red circle", k=5)
+    assert [(h.id, h.metadata) for h in hits] == [(h.id, h.metadata) for h in again]
+    assert loaded.search(image=Image.open(folder / "000002.png"), k=2, target="texts")[0].metadata["text"]
+    with pytest.raises(IndexMismatchError, match="rebuild it"):
+        Retriever.load(tmp_path / "index", backbone=load_backbone("vlkit-tiny-test"))
+
+
+@pytest.mark.slow
+def test_two_process_index_equals_one_process(world, tiny_dir, tmp_path):
+    import numpy as np
+    from test_distributed import torchrun
+
+    from vlkit.index import VectorIndex
+
+    args = [f"images={world / 'images' / 'train'}", f"model={tiny_dir}", "batch_size=16", "workers=0",
+            "progress=false"]
+    assert main(["index", *args, f"out={tmp_path / 'one'}"]) == 0
+    torchrun(2, "-m", ["vlkit", "index", *args, f"out={tmp_path / 'two'}"])
+    a, b = VectorIndex.load(tmp_path / "one" / "images"), VectorIndex.load(tmp_path / "two" / "images")
+    assert len(a) == len(b) == 48 and np.array_equal(a.ids, b.ids)
+    queries = np.random.default_rng(0).standard_normal((4, 64)).astype("float32")
+    for x, y in zip(a.search(queries, 10), b.search(queries, 10)):
+        assert np.array_equal(x, y)
+    assert json.loads((tmp_path / "one/retriever.json").read_text()) == json.loads(
+        (tmp_path / "two/retriever.json").read_text())
