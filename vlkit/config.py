@@ -226,13 +226,24 @@ def check_overrides(overrides: list[str], schema: type) -> None:
             raise _key_error(key, schema)
 
 
+def _string_fields(schema: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(schema)
+            if "str" in (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))}
+
+
 def parse_kv(args: list[str], schema: type) -> Any:
-    """Parse ``key=value`` arguments of a simple command into its dataclass schema (typed, validated)."""
+    """Parse ``key=value`` arguments of a simple command into its dataclass schema (typed, validated).
+
+    Values of string fields are taken verbatim (YAML would read ``2:4`` as the number 124)."""
     check_overrides(args, schema)
+    strings = _string_fields(schema)
+    verbatim = {k: v for k, v in (a.split("=", 1) for a in args) if k in strings}
     try:
-        raw = OmegaConf.from_dotlist(list(args))
+        raw = OmegaConf.from_dotlist([a for a in args if a.split("=", 1)[0] not in verbatim])
     except OmegaConfBaseException as exc:
         raise ConfigError(f"could not parse {args}: {exc}") from None
+    for key, value in verbatim.items():
+        raw[key] = None if value in ("null", "None") and key != "text" else value
     return OmegaConf.to_object(validate(raw, schema))
 
 

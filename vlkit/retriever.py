@@ -132,7 +132,9 @@ class Retriever:
         self.add_vectors("texts", self.embed_texts(texts), ids, meta)
 
     def add_vectors(self, target: str, vectors: torch.Tensor, ids=None, metadata=None) -> None:
-        self._index(target, create=True).add(vectors.float().cpu().numpy(), ids=ids, metadata=metadata)
+        index = self._index(target, create=True)
+        index.reserve(len(index) + len(vectors))  # one allocation, not faiss's doubling (peak memory)
+        index.add(vectors.float().cpu().numpy(), ids=ids, metadata=metadata)
 
     @staticmethod
     def _select(items, kept: list[int], ids, metadata):

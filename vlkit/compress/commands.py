@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -86,6 +87,19 @@ class ExportArgs:
     out: str = ""
 
 
+PRUNE_NOTE = """\
+  method: optin | magnitude | random; flops: kept fraction of each tower's FLOPs, in (0, 1]
+  calib (optin only): a folder of images, a COCO captions .json, a data set root with
+  annotations/captions_<calib_split>.json, or empty for a shapes world in vlkit's cache
+  writes out/ (a backbone: load_backbone(out)), out/prune_report.json, out/kept_units.png"""
+SPARSIFY_NOTE = """\
+  pattern: none (unstructured, `amount` of the weights by magnitude) | N:M such as 2:4; scope: layer | global
+  writes out/ (a backbone with the zeros folded in) and out/sparsify_report.json"""
+EXPORT_NOTE = """\
+  format: onnx; quantize: none | int8; exporter: dynamo | torchscript
+  writes out/image_encoder.onnx, out/text_encoder.onnx (+ .int8.onnx) and out/export_report.json"""
+
+
 def _help(verb: str, schema: type, note: str = "") -> str:
     lines = [f"usage: vlkit {verb} key=value ...", *([note] if note else []), "", "keys (type = default):"]
     return "\n".join(lines + describe(schema))
@@ -108,6 +122,9 @@ def _check_out(out: str, verb: str, replaceable: bool = True) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CompressError(f"out={out!r} is a file; pass a folder")
+    if replaceable and path.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise CompressError(f"out={out!r} is the current folder or above it, which the save would replace; "
+                            f"pass a sub-folder such as out=pruned")
     if replaceable and path.is_dir() and any(path.iterdir()) and not (path / "vlkit_backbone.json").is_file():
         raise CompressError(f"out={out!r} is a non-empty folder that is not a vlkit backbone; the backbone save "
                             f"replaces the whole folder, so choose a new or empty folder")
@@ -283,6 +300,10 @@ def calibration_batch(bb: Backbone, calib: str = "", n: int = 64, *, split: str 
     ann = path / "annotations" / f"captions_{split}.json"
     if ann.is_file():
         return _from_captions(bb, ann, Path(images_dir) if images_dir else _guess_images_dir(ann), n, seed)
+    if ann.parent.is_dir():  # a data set root without this split: a typo rather than a folder of images
+        splits = sorted(p.stem[len("captions_"):] for p in ann.parent.glob("captions_*.json"))
+        raise CompressError(f"calib={calib!r} has no {ann.name}; splits there: {', '.join(splits) or 'none'} "
+                            f"(calib_split=...)")
     if not path.is_dir():
         raise CompressError(f"calib={calib!r} does not exist")
     return _from_folder(bb, path, n, seed, need_texts)
@@ -309,7 +330,7 @@ def _print_prune(report: dict[str, Any], out: Path) -> None:
 
 
 @command("prune", "prune heads and MLP neurons to a FLOP budget: vlkit prune model=... method=optin flops=0.6 "
-                  "out=DIR", lambda a: _help("prune", PruneArgs))
+                  "out=DIR", lambda a: _help("prune", PruneArgs, PRUNE_NOTE))
 def _prune(args: list[str]) -> int:
     opts = parse_kv(args, PruneArgs)
     towers = _check_prune(opts)
@@ -357,7 +378,7 @@ def _check_sparsify(opts: SparsifyArgs) -> tuple[tuple[int, int] | None, tuple[s
 
 
 @command("sparsify", "zero weights by magnitude or N:M pattern: vlkit sparsify model=... pattern=2:4 out=DIR",
-         lambda a: _help("sparsify", SparsifyArgs))
+         lambda a: _help("sparsify", SparsifyArgs, SPARSIFY_NOTE))
 def _sparsify(args: list[str]) -> int:
     opts = parse_kv(args, SparsifyArgs)
     pattern, towers = _check_sparsify(opts)
@@ -416,8 +437,14 @@ def _print_export(report: dict[str, Any], out: Path) -> None:
           f"{', '.join(sorted({report[t]['exporter'] for t in TOWERS if t in report}))})")
 
 
+def _quiet_quantizer(record: logging.LogRecord) -> bool:
+    # onnxruntime's quantizer advises shape-inference pre-processing on every call (root logger, WARNING);
+    # dynamic weight-only INT8 does not need it, and the line reads like a failure
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
 @command("export", "export the encoders to ONNX (+ INT8): vlkit export model=... quantize=int8 out=DIR",
-         lambda a: _help("export", ExportArgs))
+         lambda a: _help("export", ExportArgs, EXPORT_NOTE))
 def _export(args: list[str]) -> int:
     opts = parse_kv(args, ExportArgs)
     towers = _check_export(opts)
@@ -425,12 +452,16 @@ def _export(args: list[str]) -> int:
     from vlkit.compress import export_onnx
 
     out = Path(opts.out)
+    root_log = logging.getLogger()
+    root_log.addFilter(_quiet_quantizer)
     try:
         report = export_onnx(bb.model, out, quantize=None if opts.quantize == "none" else opts.quantize,
                              dynamo=opts.exporter == "dynamo", opset=opts.opset, check_batch=opts.check_batch,
                              towers=towers)
     except (ImportError, ValueError) as exc:  # onnx missing; sizes that do not fit the model
         raise CompressError(f"cannot export {opts.model!r}: {exc}") from None
+    finally:
+        root_log.removeFilter(_quiet_quantizer)
     import open_clip
 
     report.update(model=opts.model, backbone=bb.name, inputs={
