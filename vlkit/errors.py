@@ -3,3 +3,7 @@
 
 class VlkitError(Exception):
     """An error caused by input (a config, a file, a checkpoint) whose message says how to fix it."""
+
+
+class DataNotFoundError(VlkitError, FileNotFoundError):
+    """A data file or folder is missing; the message names it and the layout that was expected."""

@@ -19,6 +19,8 @@ import faiss
 import numpy as np
 import torch
 
+from vlkit.errors import VlkitError
+
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexMismatchError", "VectorIndex"]
 
 FORMAT_VERSION = 1
@@ -33,11 +35,11 @@ _ADD_CHUNK_BYTES = 64 << 20
 _MISSING = object()
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(VlkitError, ValueError):
     """A saved index directory is incomplete, corrupt or from an unsupported format version."""
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(VlkitError, ValueError):
     """A saved index was built with a different model / configuration than the caller expects."""
 
 

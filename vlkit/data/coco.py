@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from vlkit.data.images import ImageLoadError, SkipReport, load_image
+from vlkit.errors import DataNotFoundError
 
 OnError = Literal["raise", "skip"]
 Transform = Callable[[Any], Any]
@@ -22,7 +23,7 @@ Transform = Callable[[Any], Any]
 
 def _read_json(path: Path, required: tuple[str, ...], kind: str) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}; expected the official layout, "
+        raise DataNotFoundError(f"COCO annotation file not found: {path}; expected the official layout, "
                                 "e.g. annotations/captions_train2017.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -43,7 +44,7 @@ def _check_images(images_dir: Path, records: list[tuple[int, str]], on_error: st
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"images directory not found: {images_dir} (images of {ann_file.name}); "
+        raise DataNotFoundError(f"images directory not found: {images_dir} (images of {ann_file.name}); "
                                 "pass the folder holding the files named in the annotations")
     if on_error == "raise":
         missing = [f for _, f in records if not (images_dir / f).is_file()]

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlkit.data.images import load_image
+from vlkit.errors import DataNotFoundError
 
 Pair = tuple[str, str]
 SPLITS = ("train", "val", "test")
@@ -19,8 +20,8 @@ LAYOUT = ("<root>/images/<attr>_<obj>/<file>, <root>/<split_name>/{train,val,tes
           "attr, obj, set), as distributed for CSP")
 
 
-def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"CZSL {what} not found: {path}. Expected the layout {LAYOUT}; check `root` "
+def _missing(path: Path, what: str) -> DataNotFoundError:
+    return DataNotFoundError(f"CZSL {what} not found: {path}. Expected the layout {LAYOUT}; check `root` "
                              "(e.g. data/mit-states) and `split_name`")
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vlkit.errors import DataNotFoundError, VlkitError
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 log = logging.getLogger(__name__)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(VlkitError, ValueError):
     """An image file is missing, is not an image, or is truncated/corrupt. ``path`` names the file."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
@@ -45,7 +47,7 @@ def find_images(directory: str | Path, extensions: tuple[str, ...] = IMAGE_EXTEN
     sorted by path so the order is the same on every machine."""
     d = Path(directory)
     if not d.is_dir():
-        raise FileNotFoundError(f"find_images: {d} is not a directory; pass the folder that holds the images")
+        raise DataNotFoundError(f"find_images: {d} is not a directory; pass the folder that holds the images")
     exts = {e.lower() for e in extensions}
     return sorted(p for p in d.rglob("*") if p.suffix.lower() in exts and p.is_file())
 
