@@ -1,1 +1,24 @@
-"""vlkit ufo plugin."""
+"""vlkit ufo plugin: open-ended instance segmentation and detection by embedding retrieval (UFO-style)."""
+
+from __future__ import annotations
+
+from vlkit.plugins import Plugin
+
+from .config import UfoConfig, register_model_option
+from .data import build_data
+from .segment import Instance, Segmenter, demo, segment
+from .task import UfoTask, build_task
+
+register_model_option()  # the plugin's default backbone, selectable as model=tiny-shapes
+
+plugin = Plugin(
+    name="ufo",
+    config=UfoConfig,
+    build_data=build_data,
+    build_task=build_task,
+    description="open-ended segmentation/detection: a text query retrieves instance masks from dense "
+                "CLIP features (a trained query decoder or the training-free baseline), COCOeval metrics",
+    demo=demo,
+)
+
+__all__ = ["Instance", "Segmenter", "UfoConfig", "UfoTask", "demo", "plugin", "segment"]

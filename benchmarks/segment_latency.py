@@ -1,0 +1,94 @@
+"""Per-image latency of ufo's ``segment()`` against the backbone's own ``encode_image``, side by side.
+
+Usage: python benchmarks/segment_latency.py [--models vlkit-tiny ViT-B-32] [--repeats 30] [--device cpu]
+       [--threads N]
+Random weights (latency does not depend on them). The image is a PIL image at the model's input size,
+so resizing is not what is measured. Columns: encode_image on a ready tensor (the baseline); the parts
+of segment(), dense_features and the head (QueryDecoder) alone; segment() with the query embedding
+cached (as ``Segmenter`` does for a query run on many images); segment() encoding the query text too.
+Target: the cached segment() within 1.5x encode_image (the head, its post-processing and the
+preprocessing add well under 50%). Calls are interleaved round by round so a busy machine slows every
+column alike; the median is reported. Exit status 1 when the target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlkit.backbone import load_backbone
+from vlkit_ufo.config import UfoConfig
+from vlkit_ufo.data import ImageTransform
+from vlkit_ufo.segment import build_decoder, encode_queries, segment
+
+TARGET = 1.5
+
+
+def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(ts) for name, ts in times.items()}
+
+
+@torch.no_grad()
+def bench(model: str, repeats: int, device: str) -> dict[str, float]:
+    torch.manual_seed(0)
+    bb = load_backbone(model).to(device).eval()
+    head = build_decoder(UfoConfig(), bb.embed_dim).to(device).eval()
+    size = bb.image_size
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    x = ImageTransform.for_backbone(bb)(image)[None].to(device)
+    q = encode_queries(bb, ["red circle"])
+    feats = bb.dense_features(x)
+    fns = {
+        "encode_image": lambda: bb.encode_image(x),
+        "dense": lambda: bb.dense_features(x),
+        "head": lambda: head(q, feats),
+        "segment_cached": lambda: segment(image, "red circle", bb, head, 0.5, query_emb=q),
+        "segment": lambda: segment(image, "red circle", bb, head, 0.5),
+    }
+    return _median_ms(fns, repeats)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["vlkit-tiny", "ViT-B-32"])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, median of {args.repeats} (ms/image)")
+    print(f"{'model':12s} {'encode_image':>12s} {'dense':>7s} {'head':>7s} {'segment(cached q)':>18s} "
+          f"{'ratio':>6s} {'segment':>8s} {'ratio':>6s}")
+    ok = True
+    for model in args.models:
+        ms = bench(model, args.repeats, args.device)
+        r_cached, r_full = ms["segment_cached"] / ms["encode_image"], ms["segment"] / ms["encode_image"]
+        ok &= r_cached <= TARGET
+        print(f"{model:12s} {ms['encode_image']:12.2f} {ms['dense']:7.2f} {ms['head']:7.2f} "
+              f"{ms['segment_cached']:18.2f} {r_cached:6.2f} {ms['segment']:8.2f} {r_full:6.2f}")
+    print(f"target: segment (cached query) <= {TARGET}x encode_image: {'met' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

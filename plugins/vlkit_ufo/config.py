@@ -1,0 +1,115 @@
+"""The ufo plugin's config section (``cfg.ufo``): method, head size, losses, queries and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlkit.config import ConfigError
+
+METHODS = ("head", "training_free")
+DENSE_MODES = ("maskclip", "clearclip", "plain")
+TF_INSTANCES = ("components", "single")
+EVAL_QUERIES = ("all", "present")
+IOU_TYPES = ("segm", "bbox")
+
+
+@dataclass
+class UfoConfig:
+    # head = QueryDecoder trained on frozen dense features; training_free = text vs dense features only
+    method: str = "head"
+    # how the backbone's last block yields patch features (vlkit.backbone.dense): maskclip | clearclip | plain
+    dense_mode: str = "maskclip"
+    # query prompt; '{}' is replaced by the category name or phrase (e.g. 'a photo of a {}.')
+    prompt: str = "{}"
+
+    # ---- head (vlkit_ufo.head.QueryDecoder) ----
+    num_slots: int = 10
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_mask_embeds: int = 16
+    dropout: float = 0.0
+    # add the query embedding to every mask embedding: masks start from the training-free map
+    query_skip: bool = True
+
+    # ---- losses (vlkit_ufo.losses.LossWeights) ----
+    loss_focal: float = 20.0
+    loss_dice: float = 1.0
+    loss_obj: float = 1.0
+    loss_sem: float = 1.0
+    loss_neg_obj: float = 1.0
+    # importance-sampled points per mask for matching and loss (0 = every pixel of the target)
+    num_points: int = 0
+
+    # ---- backbone ----
+    # true: the backbone is frozen (only the head trains); false: the image tower is fine-tuned too
+    # (the text tower always stays frozen: query embeddings are cached and must keep their meaning)
+    freeze_backbone: bool = True
+
+    # ---- queries ----
+    # add '<color> <shape>' phrases from annotations that carry a 'color' key (the shapes world)
+    color_queries: bool = True
+    # absent queries (empty targets) per training image: they teach the head to answer 'nothing here'
+    negatives_per_image: int = 2
+    # at most this many training queries per image, positives first (0 = no limit)
+    max_queries_per_image: int = 0
+
+    # ---- inference ----
+    # a pixel belongs to a mask when its probability exceeds this
+    mask_threshold: float = 0.5
+    # instances scoring at or below this are dropped (evaluation keeps low scores: AP needs them)
+    score_threshold: float = 0.0
+    # training_free: how a query's binary map becomes instances (components = one per connected
+    # component, single = the whole map as one instance), background prompts it competes with, and
+    # components smaller than this fraction of the image are dropped as noise
+    tf_instances: str = "components"
+    tf_background: list[str] = field(default_factory=lambda: ["background"])
+    tf_min_area: float = 0.002
+
+    # ---- evaluation ----
+    # all = every category is queried in every image (the COCO protocol: false positives count);
+    # present = only the categories annotated in the image (cheaper, an oracle on image labels)
+    eval_queries: str = "all"
+    # side of the square masks eval_step returns, at most the model input size (0 = that size); all of a
+    # split's masks are kept for COCOeval (bit-packed), so keep it modest on big data sets
+    eval_mask_size: int = 64
+    iou_types: list[str] = field(default_factory=lambda: ["segm", "bbox"])
+    # keep the best-scoring detections per image over all queries (detectron2's detections_per_image)
+    max_dets_per_image: int = 100
+    # semantic mIoU: pixels whose best query probability is below this are labelled background
+    sem_threshold: float = 0.5
+
+
+def check_config(cfg: Any) -> None:
+    """Fail early, naming the key, on values the dataclass types cannot rule out."""
+    choices = {"method": METHODS, "dense_mode": DENSE_MODES, "tf_instances": TF_INSTANCES,
+               "eval_queries": EVAL_QUERIES}
+    for key, allowed in choices.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"ufo.{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+    bad = [t for t in cfg.iou_types if t not in IOU_TYPES]
+    if bad or not cfg.iou_types:
+        raise ConfigError(f"ufo.iou_types={list(cfg.iou_types)!r}: use a non-empty subset of {list(IOU_TYPES)}")
+    if "{}" not in cfg.prompt:
+        raise ConfigError(f"ufo.prompt={cfg.prompt!r} must contain '{{}}' where the query text goes")
+    if cfg.num_slots < 1 or cfg.eval_mask_size < 0 or cfg.negatives_per_image < 0:
+        raise ConfigError("ufo.num_slots must be >= 1, ufo.eval_mask_size and ufo.negatives_per_image >= 0")
+
+
+# The model option configs/plugin/ufo.yaml selects (`override /model: tiny-shapes`). Selecting a model
+# *group option* rather than setting model.name keeps `model=...` and experiments able to replace it
+# (a plain model.name in the plugin file would win over them, since plugin comes after model).
+DEFAULT_MODEL_OPTION = "tiny-shapes"
+DEFAULT_MODEL = {"name": "cached:vlkit-tiny-shapes", "pretrained": None}
+
+
+def register_model_option() -> None:
+    """Make ``model=tiny-shapes`` exist for Hydra unless a configs/model/tiny-shapes.yaml already does."""
+    from hydra.core.config_store import ConfigStore
+
+    from vlkit.config import group_options
+
+    if DEFAULT_MODEL_OPTION not in group_options().get("model", []):
+        ConfigStore.instance().store(group="model", name=DEFAULT_MODEL_OPTION, node=dict(DEFAULT_MODEL))

@@ -1,0 +1,307 @@
+"""COCO instances as ufo data: (image, query, that query's masks) training items and per-image eval items.
+
+Geometry: images and masks are both resized to the model's square input with a plain resize (no crop,
+the aspect ratio is not kept). A centre crop would cut instances off, and predictions must cover the
+whole original image for COCO evaluation; a plain resize maps every pixel both ways, so masks predicted
+at the input size resize back onto the original image exactly as the image was shrunk. The shapes
+world's images are already square, so for them this is at most a uniform scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import Normalize
+
+from vlkit.data.coco import CocoInstances
+from vlkit.data.images import ImageLoadError, load_image
+from vlkit.errors import VlkitError
+from vlkit.plugins import DataBundle
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class UfoDataError(VlkitError, ValueError):
+    """The data cannot serve the ufo plugin (no instance masks, an unknown split layout)."""
+
+
+# ---- geometry ------------------------------------------------------------------------------------
+class ImageTransform:
+    """PIL image -> normalised [3, S, S] by a plain bicubic resize (see the module docstring)."""
+
+    def __init__(self, size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> None:
+        self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
+
+    @classmethod
+    def for_backbone(cls, backbone: Any) -> ImageTransform:
+        """The backbone's input size and its own normalisation (read from its eval transform)."""
+        norm = next((t for t in getattr(backbone.preprocess, "transforms", []) if isinstance(t, Normalize)), None)
+        if norm is None:
+            return cls(backbone.image_size)
+        return cls(backbone.image_size, norm.mean, norm.std)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        image = image.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
+        return (x - mean) / std
+
+
+def resize_masks(masks: np.ndarray | Tensor, size: int, any_cover: bool = False) -> Tensor:
+    """Bool masks [M, H, W] -> [M, size, size]: antialiased bilinear on the 0/1 map with pixel centres
+    aligned (the geometry of the image's resize and of ``task.resize_binary``, so a mask survives the
+    trip to the model size and back), then >= 0.5; with ``any_cover``, > 0 (ignore regions should
+    rather grow than shrink)."""
+    m = torch.as_tensor(np.asarray(masks)).bool()
+    if m.dim() != 3:
+        raise ValueError(f"resize_masks expects [M, H, W], got {tuple(m.shape)}")
+    if tuple(m.shape[-2:]) == (size, size):
+        return m.clone()
+    if m.shape[0] == 0:
+        return torch.zeros(0, size, size, dtype=torch.bool)
+    cover = F.interpolate(m[:, None].float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)[:, 0]
+    return cover > 1e-3 if any_cover else cover >= 0.5
+
+
+# ---- queries --------------------------------------------------------------------------------------
+@dataclass
+class Vocabulary:
+    """Every query text the plugin knows: category names (sorted by category id), then colour phrases
+    (``phrases`` maps each phrase to the category name it refines)."""
+
+    categories: list[tuple[int, str]]
+    phrases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [name for _, name in self.categories] + list(self.phrases)
+
+    @property
+    def cat_ids(self) -> list[int]:
+        return [c for c, _ in self.categories]
+
+    def category_index(self, cat_id: int) -> int:
+        return self.cat_ids.index(int(cat_id))
+
+    def index(self, text: str) -> int:
+        return self.texts.index(text)
+
+    def category_of(self, query: int) -> str:
+        """The category name a query (a category name or a phrase) is about."""
+        text = self.texts[query]
+        return self.phrases.get(text, text)
+
+
+def phrase(color: str, name: str) -> str:
+    return f"{color} {name}"
+
+
+def build_vocabulary(sources: Sequence[CocoInstances], color_queries: bool) -> Vocabulary:
+    cats: dict[int, str] = {}
+    phrases: dict[str, str] = {}
+    for src in sources:
+        cats.update(src.cat_names)
+        if color_queries:
+            for a in src.coco.anns.values():
+                if a.get("color"):
+                    name = src.cat_names[a["category_id"]]
+                    phrases[phrase(a["color"], name)] = name
+    return Vocabulary(sorted(cats.items()), dict(sorted(phrases.items())))
+
+
+def _image_groups(source: CocoInstances, image_id: int, vocab: Vocabulary,
+                  color_queries: bool) -> tuple[dict[int, list[int]], dict[str, list[int]]]:
+    """(query index -> its instance ann ids, category name -> crowd ann ids) for one image. Crowd
+    regions are never targets: they become ignore regions of every query about their category."""
+    inst: dict[int, list[int]] = {}
+    crowd: dict[str, list[int]] = {}
+    for a in source.coco.loadAnns(source.coco.getAnnIds(imgIds=[image_id])):
+        name = source.cat_names[a["category_id"]]
+        if a.get("iscrowd", 0):
+            crowd.setdefault(name, []).append(int(a["id"]))
+            continue
+        texts = [name] + ([phrase(a["color"], name)] if color_queries and a.get("color") else [])
+        for text in texts:
+            inst.setdefault(vocab.index(text), []).append(int(a["id"]))
+    return inst, crowd
+
+
+@dataclass(frozen=True)
+class QueryItem:
+    image_index: int
+    query: int
+    ann_ids: tuple[int, ...]
+    crowd_ids: tuple[int, ...]
+
+
+def build_query_items(source: CocoInstances, vocab: Vocabulary, color_queries: bool, negatives: int,
+                      max_per_image: int = 0, seed: int = 0) -> list[QueryItem]:
+    """Per image: positives (queries with instances, category names first), crowd-only categories (empty
+    targets, an ignore region), then ``negatives`` absent queries drawn by a per-image seeded RNG."""
+    items: list[QueryItem] = []
+    n_queries = len(vocab.categories) + (len(vocab.phrases) if color_queries else 0)
+    for k, image_id in enumerate(source.image_ids):
+        inst, crowd = _image_groups(source, image_id, vocab, color_queries)
+        queries = sorted(inst) + [vocab.index(name) for name in sorted(crowd) if vocab.index(name) not in inst]
+        absent = np.array([q for q in range(n_queries) if q not in queries], dtype=np.int64)
+        if absent.size and negatives:
+            rng = np.random.default_rng([seed, k])
+            queries += [int(q) for q in rng.choice(absent, size=min(negatives, absent.size), replace=False)]
+        own = [QueryItem(k, q, tuple(inst.get(q, ())), tuple(crowd.get(vocab.category_of(q), ())))
+               for q in queries]
+        items += own[:max_per_image] if max_per_image > 0 else own
+    return items
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+def load_source_image(source: CocoInstances, index: int) -> tuple[Image.Image, int]:
+    """The RGB image and id at ``index`` (CocoInstances' own check: the file must match the annotated size)."""
+    image_id = source.image_ids[index]
+    info = source.coco.imgs[image_id]
+    path = source.images_dir / source.files[index]
+    image = load_image(path)
+    if image.size != (int(info["width"]), int(info["height"])):
+        raise ImageLoadError(path, f"size {image.size[0]}x{image.size[1]} differs from "
+                                   f"{info['width']}x{info['height']} in {source.ann_file.name}")
+    return image, image_id
+
+
+def decode_masks(source: CocoInstances, image_id: int, ann_ids: Sequence[int]) -> np.ndarray:
+    """[M, H, W] bool masks of these annotations at the annotated image size (polygons or RLE)."""
+    info = source.coco.imgs[image_id]
+    if not ann_ids:
+        return np.zeros((0, int(info["height"]), int(info["width"])), bool)
+    return np.stack([source.coco.annToMask(source.coco.anns[a]) for a in ann_ids]).astype(bool)
+
+
+class QueryDataset(Dataset):
+    """Training items: ``{"image" [3,S,S], "query" (vocabulary index), "masks" [M,S,S] bool (the query's
+    instances), "ignore" [S,S] bool (crowd regions of the query's category), "image_id"}``."""
+
+    def __init__(self, source: CocoInstances, items: list[QueryItem], transform: ImageTransform) -> None:
+        self.source, self.items, self.transform = source, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        image, image_id = load_source_image(self.source, item.image_index)
+        size = self.transform.size
+        crowd = decode_masks(self.source, image_id, item.crowd_ids)
+        return {
+            "image": self.transform(image),
+            "query": torch.tensor(item.query),
+            "masks": resize_masks(decode_masks(self.source, image_id, item.ann_ids), size),
+            "ignore": resize_masks(crowd.any(0, keepdims=True), size, any_cover=True)[0],
+            "image_id": torch.tensor(image_id),
+        }
+
+
+class ImageDataset(Dataset):
+    """Evaluation items, one per image: ``{"image", "image_id", "queried" [Q] bool (categories asked),
+    "masks" [M,e,e] bool, "mask_cat" [M] (category index), "iscrowd" [M]}``; the masks let a test
+    check the evaluation path with ground-truth predictions."""
+
+    def __init__(self, source: CocoInstances, vocab: Vocabulary, transform: ImageTransform, mask_size: int,
+                 all_queries: bool, limit: int = 0) -> None:
+        self.source, self.vocab, self.transform = source, vocab, transform
+        self.mask_size, self.all_queries = mask_size, all_queries
+        self.indices = list(range(len(source)))[: limit or None]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, image_id = load_source_image(self.source, self.indices[index])
+        anns = self.source.coco.loadAnns(self.source.coco.getAnnIds(imgIds=[image_id]))
+        cats = torch.tensor([self.vocab.category_index(a["category_id"]) for a in anns], dtype=torch.long)
+        queried = torch.full((len(self.vocab.categories),), self.all_queries, dtype=torch.bool)
+        queried[cats] = True
+        masks = decode_masks(self.source, image_id, [a["id"] for a in anns])
+        return {
+            "image": self.transform(image),
+            "image_id": torch.tensor(image_id),
+            "queried": queried,
+            "masks": resize_masks(masks, self.mask_size),
+            "mask_cat": cats,
+            "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+        }
+
+
+_PAD = {"masks": False, "mask_cat": -1, "iscrowd": False}
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Stack per-item tensors; pad the per-instance ones (``masks``, ``mask_cat``, ``iscrowd``) to the
+    batch's largest instance count and add ``num_masks`` [B]."""
+    out: dict[str, Tensor] = {}
+    most = max(len(item["masks"]) for item in batch)
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key in _PAD:
+            padded = values[0].new_full((len(values), most, *values[0].shape[1:]), _PAD[key])
+            for i, v in enumerate(values):
+                padded[i, : len(v)] = v
+            out[key] = padded
+        else:
+            out[key] = torch.stack(values)
+    out["num_masks"] = torch.tensor([len(item["masks"]) for item in batch])
+    return out
+
+
+# ---- the bundle -----------------------------------------------------------------------------------
+def data_root(data: DictConfig) -> Path:
+    if data.name == "shapes":
+        from vlkit.cache import ensure_shapes
+
+        return ensure_shapes(data)
+    if data.name != "coco":
+        raise UfoDataError(f"the ufo plugin needs instance masks in COCO format; data={data.name!r} has none "
+                           f"(use data=shapes, data=coco-mini or data=coco data.root=...)")
+    if not data.root:
+        raise UfoDataError("data=coco needs data.root=/path/to/coco (the folder holding annotations/)")
+    return Path(data.root)
+
+
+def open_split(data: DictConfig, split: str) -> CocoInstances:
+    root, name = data_root(data), getattr(data, f"{split}_split")
+    return CocoInstances(root / data.images.format(split=name), root / data.instances.format(split=name),
+                         on_error=data.on_error)
+
+
+def build_data(cfg: DictConfig, backbone: Any) -> DataBundle:
+    """Training queries on the train split, per-image evaluation on val and test (shared if the same)."""
+    from .config import check_config
+
+    check_config(cfg.ufo)
+    u, d = cfg.ufo, cfg.data
+    sources = {"train": open_split(d, "train")}
+    for split in ("val", "test"):
+        same = [s for s in sources if getattr(d, f"{s}_split") == getattr(d, f"{split}_split")]
+        sources[split] = sources[same[0]] if same else open_split(d, split)
+    vocab = build_vocabulary(list({id(s): s for s in sources.values()}.values()), u.color_queries)
+    transform = ImageTransform.for_backbone(backbone)
+    items = build_query_items(sources["train"], vocab, u.color_queries, u.negatives_per_image,
+                              u.max_queries_per_image, cfg.train.seed)
+    train = QueryDataset(sources["train"], items[: d.limit_train or None], transform)
+    # never finer than the model input: the head cannot resolve more, and the outputs stay small
+    mask_size = min(u.eval_mask_size, transform.size) if u.eval_mask_size else transform.size
+    evals = {s: ImageDataset(sources[s], vocab, transform, mask_size, u.eval_queries == "all", d.limit_eval)
+             for s in ("val", "test")}
+    info = {"vocab": vocab, "coco": {s: src.coco for s, src in sources.items()}, "image_size": transform.size,
+            "eval_mask_size": mask_size, "transform": transform}
+    return DataBundle(train=train, val=evals["val"], test=evals["test"], collate=collate, info=info)
+
