@@ -8,10 +8,10 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from vlkit_ufo.head import masks_to_boxes
 
 from vlkit.metrics.coco_eval import coco_evaluate, instances_to_coco_results, write_results
 from vlkit.metrics.segmentation import MeanIoU, binary_iou, confusion_matrix, miou
+from vlkit_ufo.head import masks_to_boxes
 
 H = W = 20
 

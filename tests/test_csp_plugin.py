@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from vlkit_csp import PromptModel, SoftVocab, VocabError, encode_text_from_embeddings, predict_pairs
 
 from vlkit.backbone import load_backbone
 from vlkit.cli import resolve_config
@@ -16,6 +15,7 @@ from vlkit.data.shapes import generate_shapes
 from vlkit.engine.run import build, evaluate, train
 from vlkit.errors import VlkitError
 from vlkit.plugins import get_plugin
+from vlkit_csp import PromptModel, SoftVocab, VocabError, encode_text_from_embeddings, predict_pairs
 
 
 @pytest.fixture(scope="session")

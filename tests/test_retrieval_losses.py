@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from vlkit_retrieval.losses import (
     LOSSES,
     combined_loss,

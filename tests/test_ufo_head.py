@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from vlkit_ufo.head import (
     QueryDecoder,
     assemble_masks,

@@ -110,10 +110,7 @@ def _load_extra_commands() -> None:
     import vlkit.commands  # noqa: F401
     import vlkit.compress.commands  # noqa: F401
 
-    try:
-        import vlkit.demo_command  # noqa: F401
-    except ImportError:  # gradio is a required dependency; a broken install still gets the other commands
-        pass
+    import vlkit.demo_command  # noqa: F401
 
 
 def _usage() -> str:

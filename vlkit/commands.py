@@ -98,3 +98,26 @@ def _search(args: list[str]) -> int:
     for line in iter_hits(hits):
         print(line)
     return 0
+
+
+@dataclass
+class SegmentArgs:
+    image: str = ""
+    query: str = ""
+    # a ufo run folder (or its checkpoints/best|last folder)
+    checkpoint: str = ""
+    out: str = "overlay.png"
+    threshold: float = 0.5
+
+
+@command("segment", "segment a free-text query in an image: vlkit segment image=X query=\"red circle\" checkpoint=RUN",
+         lambda a: _kv_help("segment", SegmentArgs))
+def _segment(args: list[str]) -> int:
+    from vlkit.errors import VlkitError
+    from vlkit.plugins import get_plugin
+
+    opts = parse_kv(args, SegmentArgs)
+    if not opts.image or not opts.query.strip() or not opts.checkpoint:
+        raise VlkitError("vlkit segment needs image=PATH, a non-empty query=TEXT and checkpoint=RUN_DIR")
+    get_plugin("ufo").demo(opts.image, opts.query, opts.checkpoint, out=opts.out, threshold=opts.threshold)
+    return 0

@@ -1,0 +1,374 @@
+"""The vlkit Gradio demo: search an index by text or image, and segment an image by a free-text query."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import gradio as gr
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlkit.data.images import ImageLoadError
+from vlkit.errors import VlkitError
+from vlkit.retriever import Hit, Retriever
+
+log = logging.getLogger(__name__)
+
+SEARCH_MAX_SIDE = 2048  # the backbone sees a few hundred pixels: decoding more only costs memory
+SEGMENT_MAX_SIDE = 1024  # masks are computed at the image's size, so its area bounds the work
+MAX_UPLOAD = "25mb"
+MAX_K = 100
+DEFAULT_QUERIES = ("a red circle", "two squares", "a blue star to the left of a green ring")
+# Gradio 6 hides an endpoint with api_visibility and takes the theme in launch(); Gradio 5 differs in both.
+_GRADIO_6 = int(gr.__version__.split(".")[0]) >= 6
+_PRIVATE: dict[str, Any] = {"api_visibility": "private"} if _GRADIO_6 else {"api_name": False}
+_THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                        font_mono=["ui-monospace", "monospace"])  # system fonts: nothing fetched from the web
+_CSS = """
+#backbone-info p { margin: 0.1em 0; }
+#segment-overlay img { image-rendering: pixelated; }
+"""
+
+
+class DemoInputError(VlkitError):
+    """A request the demo cannot serve (empty query, unreadable upload, no index): shown in the page."""
+
+
+# ---- images ---------------------------------------------------------------------------------------
+def open_image(path: str | Path | None, max_side: int) -> tuple[Image.Image, str]:
+    """An upload as RGB with its longer side <= ``max_side``, and a note when it was downscaled."""
+    if path is None or str(path) == "":
+        raise DemoInputError("Upload an image first (or pick one of the examples).")
+    name = Path(path).name
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max_side, max_side))  # decode at a reduced scale: cheap on huge photos
+            im.load()
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+    except Image.DecompressionBombError:
+        raise DemoInputError(f"{name} is too large to decode safely; upload a smaller image.") from None
+    except UnidentifiedImageError:
+        raise DemoInputError(f"{name} is not an image file; upload a PNG, JPEG, WebP, GIF, BMP or TIFF.") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for truncated or corrupt data
+        raise DemoInputError(f"{name} could not be decoded (truncated or corrupt image: {exc}).") from None
+    if max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    note = "" if max(size) <= max_side else f" (downscaled from {size[0]}×{size[1]} to {rgb.width}×{rgb.height})"
+    return rgb, note
+
+
+def image_input(**kwargs: Any) -> gr.Image:
+    """A filepath gr.Image that hands a file PIL cannot open on to the handler, which explains the problem
+    in the page, instead of failing in Gradio's preprocessing with a bare error."""
+    # image_mode=None: Gradio hands over the uploaded file as is; open_image decodes (and downscales) it once
+    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], **kwargs)
+    preprocess = image.preprocess
+
+    def tolerant(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return str(payload.path)
+
+    # per instance: a gr.Image subclass would make Gradio write a .pyi stub beside this module
+    image.preprocess = tolerant  # type: ignore[method-assign]
+    return image
+
+
+# ---- the ufo plugin -------------------------------------------------------------------------------
+def ufo_package() -> ModuleType:
+    """The ufo plugin's package, found through the plugin registry (core code imports no plugin)."""
+    from vlkit.plugins import get_plugin
+
+    plugin = get_plugin("ufo")
+    return importlib.import_module(sys.modules[plugin.build_task.__module__].__package__ or "")
+
+
+@dataclass
+class SegmentTool:
+    """What the Segmentation tab calls: ``run(image, query, threshold) -> instances`` and their overlay."""
+
+    backbone: Any
+    run: Callable[[Image.Image, str, float], list[Any]]
+    overlay: Callable[[Image.Image, Sequence[Any]], Image.Image]
+    mode: str
+
+
+def segment_tool(segmenter_or_backbone: Any) -> SegmentTool:
+    """A ufo ``Segmenter`` (a trained run) or a bare backbone (the training-free baseline) as a tool."""
+    pkg = ufo_package()
+    overlay = importlib.import_module(f"{pkg.__name__}.overlay").overlay
+    if isinstance(segmenter_or_backbone, pkg.Segmenter):
+        seg = segmenter_or_backbone
+        mode = "trained ufo head" if seg.head is not None else "training-free (settings of the ufo run)"
+        return SegmentTool(seg.backbone, lambda im, q, t: seg(im, q, t), overlay, mode)
+    bb = segmenter_or_backbone
+    return SegmentTool(bb, lambda im, q, t: pkg.segment(im, q, bb, None, t), overlay,
+                       "training-free (MaskCLIP dense features against the query's text embedding)")
+
+
+# ---- the model panel ------------------------------------------------------------------------------
+def _si(n: float, unit: str) -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def describe_backbone(bb: Any) -> str:
+    """One line: name, source, parameters, FLOPs per image/text, pruned or not, fraction of zero weights."""
+    from vlkit.compress import count_flops, flop_model, sparsity_report
+    from vlkit.compress.flops import dummy_inputs
+
+    try:
+        flops = count_flops(bb.model, *dummy_inputs(bb.model))
+    except Exception:  # an architecture the counter cannot run: the analytic model still answers
+        flops = {tower: t.dense for tower, t in flop_model(bb.model).items()}
+    spec = bb.pruned_spec()
+    pruned = f"pruned ({len(spec.get('blocks', []))} blocks reduced)" if spec else "not pruned"
+    zeros = sparsity_report(bb.model)["sparsity"]
+    sparse = f"sparse: {zeros:.1%} zero weights" if zeros >= 0.01 else f"dense ({zeros:.1%} zero weights)"
+    per = ", ".join(f"{_si(v, 'FLOPs')} per {tower}" for tower, v in flops.items())
+    return (f"**`{bb.name}`** from `{bb.source}` · {_si(bb.num_parameters(), '').strip()} parameters · {per} · "
+            f"{pruned} · {sparse}")
+
+
+def describe_setup(retriever: Retriever | None, tool: SegmentTool | None, index_error: str,
+                   seg_error: str) -> str:
+    lines = []
+    search_bb = retriever.backbone if retriever is not None else None
+    if search_bb is not None:
+        lines.append(f"**Search backbone:** {describe_backbone(search_bb)}")
+        counts = {t: len(ix) for t, ix in retriever.indexes.items()}
+        lines.append(f"**Index:** {counts.get('images', 0)} images, {counts.get('texts', 0)} captions")
+    else:
+        lines.append(f"**Search:** unavailable. {index_error}")
+    if tool is None:
+        lines.append(f"**Segmentation:** unavailable. {seg_error}")
+    else:
+        if tool.backbone is not search_bb:
+            lines.append(f"**Segmentation backbone:** {describe_backbone(tool.backbone)}")
+        lines.append(f"**Segmentation:** {tool.mode}")
+    return "\n\n".join(lines)
+
+
+# ---- request handlers -----------------------------------------------------------------------------
+def _guarded(fn: Callable[..., tuple], empty: Callable[[], tuple]) -> Callable[..., tuple]:
+    """Turn any failure into a warning toast plus a status message, so one bad request never takes
+    the page (or the server) down; the last output of every handler is its status Markdown."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> tuple:
+        try:
+            return fn(*args)
+        except (ImageLoadError, VlkitError) as exc:  # DemoInputError included
+            message = str(exc)
+        except Exception as exc:  # a bug must not kill the server: log it, tell the user
+            log.exception("demo request failed")
+            message = f"Something went wrong ({type(exc).__name__}: {exc}); the server log has the details."
+        gr.Warning(message)
+        return (*empty(), f"⚠️ {message}")
+
+    return wrapper
+
+
+def _gallery(hits: Sequence[Hit]) -> tuple[list[tuple[str, str]], int]:
+    items, missing = [], 0
+    for h in hits:
+        path = (h.metadata or {}).get("path")
+        if path and Path(path).is_file():
+            items.append((path, f"{h.score:.3f} · {Path(path).name}"))
+        else:  # the index outlived its files: say so rather than show a broken tile
+            missing += 1
+    return items, missing
+
+
+class Handlers:
+    """The demo's endpoints, independent of the page layout (so they are easy to read and test)."""
+
+    def __init__(self, retriever: Retriever | None, tool: SegmentTool | None, index_error: str,
+                 seg_error: str) -> None:
+        self.retriever, self.tool = retriever, tool
+        self.index_error = index_error or "No index is loaded."
+        self.seg_error = seg_error or "The ufo plugin is not available."
+
+    def _index(self, target: str) -> Retriever:
+        if self.retriever is None:
+            raise DemoInputError(self.index_error)
+        if target not in self.retriever.indexes:
+            raise DemoInputError("This index has no captions: rebuild it with "
+                                 "`vlkit index images=... out=... captions=CAPTIONS.json` for image → text search.")
+        return self.retriever
+
+    @staticmethod
+    def _k(k: float | None) -> int:
+        return min(max(int(k or 1), 1), MAX_K)
+
+    @staticmethod
+    def _query(text: str | None) -> str:
+        if not text or not text.strip():
+            raise DemoInputError("Type a text query first, e.g. “a red circle”.")
+        return text.strip()
+
+    @torch.no_grad()
+    def search_text(self, query: str, k: float) -> tuple[list, str]:
+        query = self._query(query)
+        items, missing = _gallery(self._index("images").search(text=query, k=self._k(k), target="images"))
+        return items, self._status(f"{len(items)} images for “{query}”", missing)
+
+    @torch.no_grad()
+    def search_image(self, image: str | None, k: float) -> tuple[list, str]:
+        pil, note = open_image(image, SEARCH_MAX_SIDE)
+        items, missing = _gallery(self._index("images").search(image=pil, k=self._k(k), target="images"))
+        return items, self._status(f"{len(items)} images similar to the query image{note}", missing)
+
+    @torch.no_grad()
+    def image_to_text(self, image: str | None, k: float) -> tuple[list[list], str]:
+        pil, note = open_image(image, SEARCH_MAX_SIDE)
+        hits = self._index("texts").search(image=pil, k=self._k(k), target="texts")
+        rows = [[round(h.score, 4), (h.metadata or {}).get("text", f"caption {h.id}")] for h in hits]
+        return rows, f"{len(rows)} captions for the query image{note}"
+
+    @staticmethod
+    def _status(text: str, missing: int) -> str:
+        return text + (f"; {missing} indexed files no longer exist and were left out" if missing else "")
+
+    @torch.no_grad()
+    def segment(self, image: str | None, query: str, threshold: float) -> tuple[Image.Image, list[list], str]:
+        if self.tool is None:
+            raise DemoInputError(self.seg_error)
+        pil, note = open_image(image, SEGMENT_MAX_SIDE)
+        query = self._query(query)
+        instances = self.tool.run(pil, query, float(threshold))
+        rows = [[i + 1, round(inst.score, 4), [round(v, 1) for v in inst.box], int(inst.mask.sum())]
+                for i, inst in enumerate(instances)]
+        status = f"{len(instances)} instance(s) of “{query}” scoring above {float(threshold):.2f}{note}"
+        return self.tool.overlay(pil, instances), rows, status
+
+
+# ---- the page -------------------------------------------------------------------------------------
+class DemoBlocks(gr.Blocks):
+    """gr.Blocks whose launch() defaults to the demo's safe settings: bound to 127.0.0.1, serving files
+    only from the index's image folders and the example folders, uploads capped, system fonts."""
+
+    def __init__(self, allowed_paths: Sequence[str | Path], **kwargs: Any) -> None:
+        if not _GRADIO_6:
+            kwargs.update(theme=_THEME, css=_CSS)
+        super().__init__(**kwargs)
+        self.demo_allowed_paths = sorted({str(Path(p).resolve()) for p in allowed_paths})
+
+    def launch(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("server_name", "127.0.0.1")
+        kwargs.setdefault("allowed_paths", list(self.demo_allowed_paths))
+        kwargs.setdefault("max_file_size", MAX_UPLOAD)
+        if _GRADIO_6:
+            kwargs.setdefault("theme", _THEME)
+            kwargs.setdefault("css", _CSS)
+        return super().launch(*args, **kwargs)
+
+
+def index_image_dirs(retriever: Retriever | None) -> list[Path]:
+    """The folders that hold the indexed images (the only index files the server may serve)."""
+    if retriever is None or "images" not in retriever.indexes:
+        return []
+    index = retriever.indexes["images"]
+    paths = ((index._metadata_at(i) or {}).get("path") for i in range(len(index)))  # no public iterator
+    return sorted({Path(p).resolve().parent for p in paths if p})
+
+
+def _search_tab(h: Handlers, k: int, queries: Sequence[str], images: Sequence[str]) -> None:
+    with gr.Row(equal_height=True):
+        query = gr.Textbox(label="Text query", placeholder=queries[0] if queries else "a red circle",
+                           elem_id="search-query", scale=4)
+        topk = gr.Slider(1, MAX_K, value=k, step=1, label="How many", elem_id="search-k", scale=1)
+        text_btn = gr.Button("Search images", variant="primary", elem_id="search-button", scale=1)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input(label="Query image", elem_id="search-image", height=240)
+            with gr.Row():
+                image_btn = gr.Button("Similar images", elem_id="search-image-button")
+                caption_btn = gr.Button("Matching captions", elem_id="image-to-text-button")
+        with gr.Column(scale=3):
+            status = gr.Markdown("Type a query or upload an image.", label="Status", elem_id="search-status")
+            gallery = gr.Gallery(label="Results", columns=4, object_fit="contain", elem_id="search-results",
+                                 height="auto")
+            captions = gr.Dataframe(headers=["score", "caption"], label="Captions", elem_id="caption-results",
+                                    interactive=False, wrap=True)
+    if queries:
+        gr.Examples([[q] for q in queries], inputs=[query], label="Example queries")
+    if images:
+        gr.Examples([[p] for p in images], inputs=[image], label="Example images")
+    no_gallery, no_rows = (lambda: ([],)), (lambda: ([],))
+    text_fn = _guarded(h.search_text, no_gallery)
+    text_btn.click(text_fn, [query, topk], [gallery, status], api_name="search_text")
+    query.submit(text_fn, [query, topk], [gallery, status], **_PRIVATE)
+    image_btn.click(_guarded(h.search_image, no_gallery), [image, topk], [gallery, status], api_name="search_image")
+    caption_btn.click(_guarded(h.image_to_text, no_rows), [image, topk], [captions, status], api_name="image_to_text")
+
+
+def _segment_tab(h: Handlers, examples: Sequence[tuple[str, str]]) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input(label="Image", elem_id="segment-image", height=300)
+            query = gr.Textbox(label="What to find", placeholder="a red circle", elem_id="segment-query")
+            threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold",
+                                  elem_id="segment-threshold")
+            button = gr.Button("Segment", variant="primary", elem_id="segment-button")
+        with gr.Column(scale=1):
+            status = gr.Markdown("Upload an image (or pick an example) and say what to find.", label="Status",
+                                 elem_id="segment-status")
+            overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False,
+                               elem_id="segment-overlay", height=420)
+            table = gr.Dataframe(headers=["#", "score", "box (x1, y1, x2, y2)", "area (px)"],
+                                 label="Instances", elem_id="segment-instances", interactive=False)
+    if examples:
+        gr.Examples([list(e) for e in examples], inputs=[image, query], label="Examples")
+    fn = _guarded(h.segment, lambda: (None, []))
+    outputs = [overlay, table, status]
+    button.click(fn, [image, query, threshold], outputs, api_name="segment")
+    query.submit(fn, [image, query, threshold], outputs, **_PRIVATE)
+
+    def rerun(image: str | None, query: str, threshold: float) -> tuple:
+        # moving the slider before there is anything to segment is not an error worth a warning
+        return fn(image, query, threshold) if image and (query or "").strip() else (gr.skip(),) * 3
+
+    threshold.release(rerun, [image, query, threshold], outputs, **_PRIVATE)
+
+
+def build_app(retriever: Retriever | None, segmenter_or_backbone: Any = None, *, index_error: str = "",
+              examples: Sequence[tuple[str | Path, str]] = (), queries: Sequence[str] = DEFAULT_QUERIES,
+              k: int = 12, title: str = "vlkit demo") -> DemoBlocks:
+    """The demo page. ``retriever`` None shows ``index_error`` in the Search tab; ``segmenter_or_backbone``
+    is a ufo ``Segmenter``, a backbone (training-free segmentation) or None (the tab explains why not).
+    ``examples`` are (image, query) pairs offered in both tabs."""
+    tool, seg_error = None, ""
+    if segmenter_or_backbone is not None:
+        try:
+            tool = segment_tool(segmenter_or_backbone)
+        except VlkitError as exc:  # e.g. the ufo plugin is not installed: search still works
+            seg_error = str(exc)
+    else:
+        seg_error = "No segmentation model was given."
+    handlers = Handlers(retriever, tool, index_error, seg_error)
+    images = [str(Path(p).resolve()) for p, _ in examples]
+    allowed = [*index_image_dirs(retriever), *{Path(p).parent for p in images}]
+    with DemoBlocks(allowed, title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(f"## {title}\nSearch an image index by text or by image, and segment any image by a "
+                    "free-text query, with one shared CLIP backbone.")
+        gr.Markdown(describe_setup(retriever, tool, index_error, seg_error), elem_id="backbone-info")
+        with gr.Tabs():
+            with gr.Tab("Search", id="search", elem_id="tab-search"):
+                _search_tab(handlers, k, queries, images)
+            with gr.Tab("Segmentation", id="segment", elem_id="tab-segment"):
+                _segment_tab(handlers, [(p, q) for p, (_, q) in zip(images, examples)])
+    return app

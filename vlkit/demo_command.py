@@ -1,0 +1,57 @@
+"""`vlkit demo`: the Gradio page for search and segmentation (the app itself lives in vlkit.demos)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from vlkit.cli import command
+from vlkit.config import describe, parse_kv
+from vlkit.errors import VlkitError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class DemoArgs:
+    # a saved backbone folder, an open_clip name, or cached:NAME; empty: the index's own backbone when
+    # index= is given, else cached:vlkit-tiny-shapes (trained on first use)
+    model: str = ""
+    pretrained: str | None = None
+    # an index written by `vlkit index`; empty: a default one (shapes world test split, coco-mini when
+    # present), built once per backbone under $VLKIT_CACHE/demo/
+    index: str = ""
+    # a `vlkit train plugin=ufo` run folder for a trained segmentation head; empty: training-free
+    ufo: str = ""
+    # coco-mini for the default index and the examples: a folder, none, or empty for VLKIT_COCO_MINI /
+    # the shared copy when present
+    coco: str = ""
+    host: str = "127.0.0.1"
+    port: int = 7860
+    # a public *.gradio.live link (needs internet; anyone with the link can use the demo)
+    share: bool = False
+    k: int = 12
+
+
+def _help(_: list[str]) -> str:
+    return "\n".join(["usage: vlkit demo [model=...] [index=DIR] [ufo=RUN_DIR] [host=127.0.0.1] [port=7860] "
+                      "[share=false]", "", "keys (type = default):", *describe(DemoArgs)])
+
+
+@command("demo", "a web page to search an index and segment images: vlkit demo [index=DIR] [ufo=RUN_DIR]", _help)
+def _demo(args: list[str]) -> int:
+    opts = parse_kv(args, DemoArgs)
+    if not 0 < opts.port < 65536:
+        raise VlkitError(f"port={opts.port} is not a TCP port (1-65535)")
+    from vlkit.demos.resources import prepare_app
+
+    app = prepare_app(opts)
+    if opts.host not in LOCAL_HOSTS:
+        print(f"vlkit demo: serving on {opts.host}: other machines on the network can reach it", file=sys.stderr)
+    if opts.share:
+        print("vlkit demo: share=true makes a public link; anyone who has it can use the demo", file=sys.stderr)
+    try:
+        app.launch(server_name=opts.host, server_port=opts.port, share=opts.share)
+    except OSError as exc:  # Gradio's message for a busy port names a range; say what to do instead
+        raise VlkitError(f"cannot serve on {opts.host}:{opts.port} ({exc}); pick another port=...") from exc
+    return 0
