@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vlkit_retrieval.task import caption_positives
 
 from vlkit.backbone import load_backbone
 from vlkit.compress import (
@@ -39,6 +38,7 @@ from vlkit.compress import (
 from vlkit.compress.commands import Calibration, calibration_batch
 from vlkit.data.coco import CocoCaptions
 from vlkit.metrics.retrieval import Positives, recall_at_k
+from vlkit_retrieval.task import caption_positives
 
 TOWERS = ("image", "text")
 COLORS = {"optin": "#1f77b4", "magnitude": "#ff7f0e", "random": "#2ca02c"}  # the same in every plot
