@@ -96,7 +96,8 @@ def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib
     probe = (calib.images[:1], calib.texts[:1])
     dense = count_flops(model, *probe)
     for level in levels:
-        heads, neurons, _ = select_under_budget(imp, fm, level)
+        heads, neurons, _ = select_under_budget(imp, fm, level,
+                                                split="proportional" if method == "random" else "best")
         pruned = materialize(model, heads, neurons)
         counted = count_flops(pruned, *probe)
         yield level, pruned, {t: counted[t] / dense[t] for t in TOWERS}, seconds

@@ -83,9 +83,10 @@ def test_offline_pretrained_tag_says_how_to_pass_a_file(monkeypatch):
     def offline(*a, **k):
         raise RuntimeError("Failed to download weights: no network")
 
-    monkeypatch.setattr(open_clip, "create_model", offline)
+    monkeypatch.setattr(open_clip, "create_model", offline)  # no network is touched
+    tag = open_clip.list_pretrained_tags_by_model("ViT-B-32")[0]
     with pytest.raises(BackboneError) as err:
-        load_backbone("ViT-B-32", pretrained="openai")
+        load_backbone("ViT-B-32", pretrained=tag)
     assert "model.pretrained=/path/to" in str(err.value) and "local-dir:" in str(err.value)
 
 

@@ -157,3 +157,18 @@ def test_a_resnet_clip_prunes_its_text_tower_only():
     pruned, report = prune_backbone(model, "magnitude", 0.7)
     assert set(report["towers"]) == {"text"} and report["towers"]["text"]["budget_met"]
     assert {b["tower"] for b in pruned.vlkit_pruned_spec["blocks"]} == {"text"}
+
+
+def test_random_baseline_keeps_heads_and_neurons_in_proportion(small):
+    """Uniform random scores with the importance-per-FLOP search would drop every (costly) head first;
+    the proportional split keeps about the same cost fraction of each kind, within the budget."""
+    model = small[0]
+    imp = random_importance(model, ("image",), seed=0)
+    fm = flop_model(model, ("image",))
+    heads, neurons, info = select_under_budget(imp, fm, 0.6, split="proportional")
+    kept_h = sum(int(m.sum()) for m in heads.values()) / sum(m.numel() for m in heads.values())
+    kept_n = sum(int(m.sum()) for m in neurons.values()) / sum(m.numel() for m in neurons.values())
+    assert kept_h > 0.2 and abs(kept_h - kept_n) < 0.35
+    assert info["image"]["selected"] <= info["image"]["budget"]
+    with pytest.raises(ValueError, match="split must be"):
+        select_under_budget(imp, fm, 0.6, split="fair")

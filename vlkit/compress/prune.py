@@ -59,8 +59,21 @@ def _best_split(heads, neurons, budget: float) -> tuple[int, int]:
     return best
 
 
+def _proportional_split(heads, neurons, budget: float) -> tuple[int, int]:
+    """(k heads, m neurons) keeping the same fraction of each kind's cost: the split a baseline uses whose
+    scores are not comparable across kinds (random scores would otherwise drop every costly head first)."""
+    hc, _ = _prefix(heads)
+    nc, _ = _prefix(neurons)
+    total = float(hc[-1] + nc[-1])
+    frac = min(1.0, budget / total) if total > 0 else 0.0
+    k = int(torch.searchsorted(hc, torch.tensor([frac * float(hc[-1])], dtype=torch.float64), right=True)) - 1
+    rest = budget - float(hc[k])
+    m = int(torch.searchsorted(nc, torch.tensor([rest], dtype=torch.float64), right=True)) - 1
+    return k, m
+
+
 def _select_tower(imp: Importances, tf: TowerFlops, keys: list[Key], flops: float,
-                  min_heads: int, min_neurons: int) -> tuple[dict, dict, dict[str, Any]]:
+                  min_heads: int, min_neurons: int, split: str = "best") -> tuple[dict, dict, dict[str, Any]]:
     head_cost = {k: tf.head_cost[k[1]] for k in keys}
     neuron_cost = {k: tf.neuron_cost[k[1]] for k in keys}
     for kind in ("heads", "neurons"):
@@ -73,7 +86,7 @@ def _select_tower(imp: Importances, tf: TowerFlops, keys: list[Key], flops: floa
     if free < 0:
         raise ValueError(f"{tf.tower}: a budget of {flops:.0%} ({budget} FLOPs) cannot hold the fixed part "
                          f"({tf.fixed}) plus the per-block minimums; raise flops or lower min_heads/min_neurons")
-    k, m = _best_split(heads, neurons, free)
+    k, m = (_best_split if split == "best" else _proportional_split)(heads, neurons, free)
     hm = {key: torch.zeros_like(imp["heads"][key], dtype=torch.float32) for key in keys}
     nm = {key: torch.zeros_like(imp["neurons"][key], dtype=torch.float32) for key in keys}
     for _, _, key, i in f_h + heads[:k]:
@@ -87,13 +100,17 @@ def _select_tower(imp: Importances, tf: TowerFlops, keys: list[Key], flops: floa
 
 
 def select_under_budget(importances: Importances, flop_models: dict[str, TowerFlops], flops: float = 0.6, *,
-                        min_heads: int = 0, min_neurons: int = 0) -> tuple[dict, dict, dict[str, Any]]:
+                        min_heads: int = 0, min_neurons: int = 0,
+                        split: str = "best") -> tuple[dict, dict, dict[str, Any]]:
     """Binary head/neuron masks keeping, per tower, FLOPs <= ``flops`` x the tower's current FLOPs.
 
     Heads and neurons are ranked separately (highest importance first); the kept sets are a prefix of each
     ranking, chosen to maximise total kept importance within the budget (OPTIN's global-ranking search).
     ``min_heads`` / ``min_neurons`` reserve each block's top units first. Returns (head_masks, neuron_masks,
-    info per tower)."""
+    info per tower). ``split="proportional"`` instead keeps the same cost fraction of heads and of neurons
+    (for scores that are not comparable across the two kinds, such as the random baseline's)."""
+    if split not in ("best", "proportional"):
+        raise ValueError(f"split must be 'best' or 'proportional', got {split!r}")
     if not 0.0 < flops <= 1.0:
         raise ValueError(f"flops is a fraction of the dense FLOPs in (0, 1], got {flops}")
     head_masks, neuron_masks, info = {}, {}, {}
@@ -101,7 +118,7 @@ def select_under_budget(importances: Importances, flop_models: dict[str, TowerFl
         keys = sorted(k for k in importances["heads"] if k[0] == tower)
         if not keys:
             continue
-        hm, nm, info[tower] = _select_tower(importances, tf, keys, flops, min_heads, min_neurons)
+        hm, nm, info[tower] = _select_tower(importances, tf, keys, flops, min_heads, min_neurons, split)
         head_masks.update(hm)
         neuron_masks.update(nm)
     return head_masks, neuron_masks, info
@@ -144,8 +161,9 @@ def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
     model.eval()
     imp = _importances(model, method, towers, calib_images, calib_texts, seed, **optin_kw)
     fm_before = flop_model(model, towers)
+    split = "proportional" if method == "random" else "best"
     head_masks, neuron_masks, info = select_under_budget(imp, fm_before, flops, min_heads=min_heads,
-                                                         min_neurons=min_neurons)
+                                                         min_neurons=min_neurons, split=split)
     images, tokens = dummy_inputs(model, 1)
     images = calib_images[:1] if calib_images is not None else images
     tokens = calib_texts[:1] if calib_texts is not None else tokens
