@@ -108,8 +108,7 @@ def _plugins(args: list[str]) -> int:
 def _load_extra_commands() -> None:
     # Commands that live beside their subsystem; importing registers them.
     import vlkit.commands  # noqa: F401
-    import vlkit.compress.commands  # noqa: F401
-
+    import vlkit.compress_commands  # noqa: F401
     import vlkit.demo_command  # noqa: F401
 
 

@@ -1,4 +1,5 @@
-"""`vlkit prune`, `vlkit sparsify` and `vlkit export`: compress a backbone from the command line."""
+"""`vlkit prune`, `vlkit sparsify` and `vlkit export` (registered with the CLI on import; torch and
+vlkit.compress are imported inside the commands, so the CLI starts fast)."""
 
 from __future__ import annotations
 
