@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from vlkit.plugins import Plugin
 
-from .config import UfoConfig, register_model_option
+from .config import UfoConfig
 from .data import build_data
 from .segment import Instance, Segmenter, demo, segment
 from .task import UfoTask, build_task
-
-register_model_option()  # the plugin's default backbone, selectable as model=tiny-shapes
 
 plugin = Plugin(
     name="ufo",

@@ -96,20 +96,3 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"ufo.prompt={cfg.prompt!r} must contain '{{}}' where the query text goes")
     if cfg.num_slots < 1 or cfg.eval_mask_size < 0 or cfg.negatives_per_image < 0:
         raise ConfigError("ufo.num_slots must be >= 1, ufo.eval_mask_size and ufo.negatives_per_image >= 0")
-
-
-# The model option configs/plugin/ufo.yaml selects (`override /model: tiny-shapes`). Selecting a model
-# *group option* rather than setting model.name keeps `model=...` and experiments able to replace it
-# (a plain model.name in the plugin file would win over them, since plugin comes after model).
-DEFAULT_MODEL_OPTION = "tiny-shapes"
-DEFAULT_MODEL = {"name": "cached:vlkit-tiny-shapes", "pretrained": None}
-
-
-def register_model_option() -> None:
-    """Make ``model=tiny-shapes`` exist for Hydra unless a configs/model/tiny-shapes.yaml already does."""
-    from hydra.core.config_store import ConfigStore
-
-    from vlkit.config import group_options
-
-    if DEFAULT_MODEL_OPTION not in group_options().get("model", []):
-        ConfigStore.instance().store(group="model", name=DEFAULT_MODEL_OPTION, node=dict(DEFAULT_MODEL))
