@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlkit.index as vindex
+import vlkit.io as vio
 from vlkit.index import IndexFormatError, IndexMismatchError, VectorIndex
 
 DIM = 16
@@ -158,13 +159,13 @@ def test_overwrite_replaces_whole_index(filled, tmp_path, monkeypatch, exchange)
     target = tmp_path / "idx"
     index.save(target)
     used: list[bool] = []
-    real = vindex._rename_exchange
+    real = vio._rename_exchange
 
     def exchange_spy(a, b) -> bool:  # records which install path ran; False forces the fallback
         used.append(real(a, b) if exchange else False)
         return used[-1]
 
-    monkeypatch.setattr(vindex, "_rename_exchange", exchange_spy)
+    monkeypatch.setattr(vio, "_rename_exchange", exchange_spy)
     small = VectorIndex(DIM)
     small.add(x[:10])
     small.save(target)

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +14,7 @@ import numpy as np
 import torch
 
 from vlkit.errors import VlkitError
+from vlkit.io import atomic_directory, fsync_path
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexMismatchError", "VectorIndex"]
 
@@ -403,22 +398,15 @@ class VectorIndex:
         so a crash never leaves a half-written index at ``path`` and an existing one stays loadable.
         """
         target = Path(path).absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
         _check_overwritable(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             self._write_files(tmp)
-            _fsync_path(tmp)
-            _install(tmp, target)
-        finally:
-            # After a successful exchange tmp holds the previous index; on failure, partial files.
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def _write_files(self, root: Path) -> None:
         files: dict[str, int] = {}
         faiss.write_index(self._index, str(root / INDEX_FILE))
-        _fsync_path(root / INDEX_FILE)
+        fsync_path(root / INDEX_FILE)
         with open(root / IDS_FILE, "wb") as f:
             np.save(f, self._ids.view(), allow_pickle=False)
             _flush(f)
@@ -504,14 +492,6 @@ def _flush(f: Any) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_overwritable(target: Path) -> None:
     if not os.path.lexists(target):
         return
@@ -522,50 +502,6 @@ def _check_overwritable(target: Path) -> None:
             f"{target} is a non-empty directory without {MANIFEST}, so not a saved VectorIndex; refusing to "
             f"overwrite it: choose another path or remove it"
         )
-
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False when the OS or file system can't."""
-    if not sys.platform.startswith("linux"):
-        return False
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _install(tmp: Path, target: Path) -> None:
-    """Move the finished directory ``tmp`` to ``target``; afterwards ``tmp`` holds any old index."""
-    if not os.path.lexists(target):
-        try:
-            os.rename(tmp, target)
-            _fsync_path(target.parent)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-    if not _rename_exchange(tmp, target):
-        # Fallback (non-Linux): a short window where target is absent, but never half-written;
-        # the old index then sits at tmp's ".old" sibling and load() points at it.
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-        os.rename(old, tmp)
-    _fsync_path(target.parent)
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
