@@ -21,6 +21,8 @@ def shapes_dir(data: DictConfig) -> Path:
     if data.root:
         return Path(data.root)
     tag = f"shapes-{data.n_train}-{data.n_val}-{data.n_test}-px{data.image_size}-seed{data.seed}"
+    if data.n_czsl_per_pair != 100:
+        tag += f"-czsl{data.n_czsl_per_pair}"
     return cache_root() / "data" / tag
 
 
@@ -39,7 +41,8 @@ def ensure_shapes(data: DictConfig) -> Path:
     print(f"generating the shapes world into {root} (once) ...", flush=True)
     with atomic_directory(root) as tmp:
         generate_shapes(tmp, n_train=data.n_train, n_val=data.n_val, n_test=data.n_test,
-                        image_size=data.image_size, seed=data.seed)
+                        image_size=data.image_size, seed=data.seed, n_czsl_per_pair=data.n_czsl_per_pair,
+                        overwrite=True)
     return root
 
 

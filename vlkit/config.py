@@ -46,6 +46,8 @@ class DataConfig:
     n_test: int = 1000
     image_size: int = 64
     seed: int = 0
+    # images per attribute-object pair in the world's CZSL split
+    n_czsl_per_pair: int = 100
     # Use at most this many training items (0 = all): quick experiments and tests.
     limit_train: int = 0
     limit_eval: int = 0
