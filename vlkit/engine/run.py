@@ -54,6 +54,9 @@ def build(cfg: DictConfig, plugin: Plugin):
     """Backbone, data and task for a config (seeded, so two builds are identical)."""
     set_seed(cfg.train.seed)
     backbone = load_model(cfg.model)
+    # again: loading may have trained a cached backbone first, which moved every RNG; the task must not
+    # depend on whether the backbone was already in the cache
+    set_seed(cfg.train.seed)
     data = plugin.build_data(cfg, backbone)
     task = plugin.build_task(cfg, backbone, data)
     return backbone, data, task
