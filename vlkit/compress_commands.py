@@ -4,151 +4,34 @@ vlkit.compress are imported inside the commands, so the CLI starts fast)."""
 from __future__ import annotations
 
 import logging
-import random
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlkit.cli import command
-from vlkit.config import describe, parse_kv
-from vlkit.errors import VlkitError
+from vlkit.compress_args import (
+    EXPORT_NOTE,
+    PRUNE_NOTE,
+    SPARSIFY_NOTE,
+    TOWERS,
+    CompressError,
+    ExportArgs,
+    PruneArgs,
+    SparsifyArgs,
+    _check_export,
+    _check_prune,
+    _check_sparsify,
+    _help,
+)
+from vlkit.compress_calibration import Calibration, calibration_batch
+from vlkit.compress_calibration import default_calibration_root as default_calibration_root
+from vlkit.compress_calibration import random_tokens as random_tokens
+from vlkit.config import parse_kv
 
 if TYPE_CHECKING:  # torch and the backbone are imported inside the commands: the CLI starts fast
-    import torch
-
     from vlkit.backbone import Backbone
 
-METHODS = ("optin", "magnitude", "random")  # = vlkit.compress.prune.METHODS (importing it imports torch)
-TOWERS = ("image", "text")
-DEFAULT_MODEL = "cached:vlkit-tiny-shapes"
 
-
-class CompressError(VlkitError, ValueError):
-    """Bad input to a compression command (a key's value, a calibration source, an output folder)."""
-
-
-@dataclass
-class PruneArgs:
-    # a saved backbone folder, an open_clip name (random init unless pretrained=...), or cached:NAME
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    # optin (one-shot, calibrated) | magnitude (weight L1 norm) | random (a baseline)
-    method: str = "optin"
-    # FLOPs kept, as a fraction of each pruned tower's dense FLOPs, in (0, 1]
-    flops: float = 0.6
-    # a folder of images, a COCO captions .json, or a data set root holding annotations/captions_<split>.json;
-    # empty = a small shapes world in vlkit's cache (only optin uses calibration data)
-    calib: str = ""
-    # the images of calib=CAPTIONS.json when they are not at <root>/images/<split> or <root>/<split>
-    calib_images: str = ""
-    calib_split: str = "train"
-    n_calib: int = 64
-    # comma-separated towers to prune: image, text
-    towers: str = "image,text"
-    # output folder: the pruned backbone, prune_report.json, kept_units.png
-    out: str = ""
-    seed: int = 0
-    # per-block units reserved before the global ranking (0 = a block may lose all its heads)
-    min_heads: int = 0
-    min_neurons: int = 0
-    # cpu | cuda | cuda:N (where the importance scores are computed)
-    device: str = "cpu"
-
-
-@dataclass
-class SparsifyArgs:
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    # fraction of the weights set to zero (unused with an N:M pattern, which fixes it at 1 - N/M)
-    amount: float = 0.5
-    # none (unstructured by magnitude) | N:M such as 2:4 (keep N of every M consecutive input weights)
-    pattern: str = "none"
-    # layer (each weight loses `amount`) | global (the smallest magnitudes over all weights)
-    scope: str = "layer"
-    towers: str = "image,text"
-    # output folder: the sparse backbone (zeros folded into the weights) and sparsify_report.json
-    out: str = ""
-
-
-@dataclass
-class ExportArgs:
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    format: str = "onnx"
-    # none | int8 (dynamic INT8 weight quantization by onnxruntime, written beside the fp32 file)
-    quantize: str = "none"
-    towers: str = "image,text"
-    # dynamo (torch.export, the current exporter) | torchscript (the legacy one, much faster to run)
-    exporter: str = "dynamo"
-    opset: int | None = None
-    # batch size of the onnxruntime-vs-PyTorch check (different from the export example: dynamic axis)
-    check_batch: int = 3
-    # output folder: image_encoder.onnx, text_encoder.onnx (+ .int8.onnx), export_report.json
-    out: str = ""
-
-
-PRUNE_NOTE = """\
-  method: optin | magnitude | random; flops: kept fraction of each tower's FLOPs, in (0, 1]
-  calib (optin only): a folder of images, a COCO captions .json, a data set root with
-  annotations/captions_<calib_split>.json, or empty for a shapes world in vlkit's cache
-  writes out/ (a backbone: load_backbone(out)), out/prune_report.json, out/kept_units.png"""
-SPARSIFY_NOTE = """\
-  pattern: none (unstructured, `amount` of the weights by magnitude) | N:M such as 2:4; scope: layer | global
-  writes out/ (a backbone with the zeros folded in) and out/sparsify_report.json"""
-EXPORT_NOTE = """\
-  format: onnx; quantize: none | int8; exporter: dynamo | torchscript
-  writes out/image_encoder.onnx, out/text_encoder.onnx (+ .int8.onnx) and out/export_report.json"""
-
-
-def _help(verb: str, schema: type, note: str = "") -> str:
-    lines = [f"usage: vlkit {verb} key=value ...", *([note] if note else []), "", "keys (type = default):"]
-    return "\n".join(lines + describe(schema))
-
-
-# ---- checks shared by the commands (all run before the model is loaded) -----------------------------
-def _parse_towers(value: str) -> tuple[str, ...]:
-    towers = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
-    bad = [t for t in towers if t not in TOWERS]
-    if not towers or bad:
-        raise CompressError(f"towers={value!r}: expected a comma-separated list of {', '.join(TOWERS)} "
-                            f"(e.g. towers=image,text or towers=image)")
-    return towers
-
-
-def _check_out(out: str, verb: str, replaceable: bool = True) -> Path:
-    """The output folder; one that a backbone save would replace must be new, empty or a saved backbone."""
-    if not out:
-        raise CompressError(f"vlkit {verb} needs out=DIR (the folder to write)")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise CompressError(f"out={out!r} is a file; pass a folder")
-    if replaceable and path.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise CompressError(f"out={out!r} is the current folder or above it, which the save would replace; "
-                            f"pass a sub-folder such as out=pruned")
-    if replaceable and path.is_dir() and any(path.iterdir()) and not (path / "vlkit_backbone.json").is_file():
-        raise CompressError(f"out={out!r} is a non-empty folder that is not a vlkit backbone; the backbone save "
-                            f"replaces the whole folder, so choose a new or empty folder")
-    return path
-
-
-def _check_prune(opts: PruneArgs) -> tuple[str, ...]:
-    if opts.method not in METHODS:
-        raise CompressError(f"method={opts.method!r} is not one of {', '.join(METHODS)}")
-    if not 0.0 < opts.flops <= 1.0:
-        raise CompressError(f"flops={opts.flops} is out of range: it is the fraction of the dense FLOPs to keep, "
-                            f"in (0, 1], e.g. flops=0.6")
-    if opts.n_calib < 1:
-        raise CompressError(f"n_calib={opts.n_calib}: need at least one calibration sample (64 is a good default)")
-    if opts.min_heads < 0 or opts.min_neurons < 0:
-        raise CompressError("min_heads and min_neurons must be >= 0")
-    if opts.calib and not Path(opts.calib).exists():
-        raise CompressError(f"calib={opts.calib!r} does not exist; pass a folder of images, a COCO captions "
-                            f".json or a data set root (or leave calib empty for a generated shapes world)")
-    _check_out(opts.out, "prune")
-    return _parse_towers(opts.towers)
-
-
+# ---- the backbone (loaded once the checks in vlkit.compress_args pass) -------------------------------
 def _load(name: str, pretrained: str | None, device: str = "cpu") -> Backbone:
     from vlkit.commands import load_model_arg
 
@@ -172,142 +55,6 @@ def _check_towers_prunable(bb: Backbone, towers: tuple[str, ...]) -> None:
     if missing:
         raise CompressError(f"the {', '.join(missing)} tower of {bb.name!r} is not an open_clip transformer, which "
                             f"prune needs; prunable towers here: {', '.join(have) or 'none'} (towers=...)")
-
-
-# ---- calibration data -----------------------------------------------------------------------------
-@dataclass
-class Calibration:
-    """Preprocessed images [n, 3, S, S] and token ids [n, L] for OPTIN, and where they came from."""
-
-    images: torch.Tensor | None
-    texts: torch.Tensor | None
-    source: dict[str, Any] = field(default_factory=dict)
-
-    def to(self, device: str) -> Calibration:
-        images = self.images.to(device) if self.images is not None else None
-        texts = self.texts.to(device) if self.texts is not None else None
-        return Calibration(images, texts, self.source)
-
-
-def default_calibration_root(n: int) -> Path:
-    """A shapes world to calibrate on: the cached training world if there is one, else a small one made now."""
-    from omegaconf import OmegaConf
-
-    from vlkit.cache import cache_root, shapes_dir
-    from vlkit.config import DataConfig
-
-    trained = shapes_dir(OmegaConf.structured(DataConfig))
-    if (trained / "annotations" / "captions_train.json").is_file():
-        return trained
-    root = cache_root() / "data" / f"shapes-calib-{n}-px64-seed0"
-    if not (root / "annotations" / "captions_train.json").is_file():
-        from vlkit.data.shapes import generate_shapes
-        from vlkit.io import atomic_directory
-
-        print(f"calib is empty: generating a shapes world of {n} images into {root} (once)", flush=True)
-        with atomic_directory(root) as tmp:
-            generate_shapes(tmp, n_train=n, n_val=0, n_test=0, image_size=64, seed=0, n_czsl_per_pair=0,
-                            progress=False, workers=1)
-    return root
-
-
-def _sample(total: int, n: int, seed: int, what: str) -> list[int]:
-    if total == 0:
-        raise CompressError(f"calibration source has no {what}")
-    if total < n:
-        print(f"calibration: only {total} {what} available (n_calib={n}); using all of them", flush=True)
-    return sorted(random.Random(seed).sample(range(total), min(n, total)))
-
-
-def _guess_images_dir(ann: Path) -> Path:
-    """COCO / shapes layout: <root>/annotations/captions_<split>.json with images in <root>/images/<split>
-    (shapes) or <root>/<split> (COCO's train2017/)."""
-    split = ann.stem[len("captions_"):] if ann.stem.startswith("captions_") else ann.stem
-    root = ann.parent.parent if ann.parent.name == "annotations" else ann.parent
-    candidates = [root / "images" / split, root / split]
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    raise CompressError(f"no images folder found for {ann} (looked at {', '.join(map(str, candidates))}); "
-                        f"pass calib_images=DIR")
-
-
-def _from_captions(bb: Backbone, ann: Path, images_dir: Path, n: int, seed: int) -> Calibration:
-    import torch
-
-    from vlkit.data.coco import CocoCaptions
-
-    try:
-        ds = CocoCaptions(images_dir, ann, transform=bb.preprocess)
-        images = torch.stack([ds.load(i) for i in _sample(len(ds), n, seed, "images")])
-    except (FileNotFoundError, ValueError) as exc:  # unreadable json or image: the reader's message says which
-        raise CompressError(f"calibration data: {exc}") from None
-    texts = [ds.captions[i] for i in _sample(len(ds.captions), n, seed + 1, "captions")]
-    source = {"kind": "coco-captions", "captions": str(ann), "images_dir": str(images_dir),
-              "n_images": len(images), "n_texts": len(texts), "texts": "captions"}
-    return Calibration(images, bb.tokenize(texts), source)
-
-
-def random_tokens(bb: Backbone, n: int, seed: int = 0) -> torch.Tensor:
-    """Random token ids with an end-of-text token (the highest id, found by argmax pooling) at a random place."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    vocab, length = int(bb.model.vocab_size), bb.context_length
-    tokens = torch.randint(1, vocab - 1, (n, length), generator=gen)
-    for i, eot in enumerate(torch.randint(2, length, (n,), generator=gen).tolist()):
-        tokens[i, eot], tokens[i, eot + 1:] = vocab - 1, 0
-    return tokens
-
-
-def _from_folder(bb: Backbone, folder: Path, n: int, seed: int, need_texts: bool) -> Calibration:
-    import torch
-
-    from vlkit.data.images import ImageLoadError, find_images, load_image
-
-    files = find_images(folder)
-    try:
-        images = torch.stack([bb.preprocess(load_image(files[i])) for i in _sample(len(files), n, seed, "images")])
-    except ImageLoadError as exc:
-        raise CompressError(f"calibration data: {exc}") from None
-    source = {"kind": "image-folder", "images_dir": str(folder), "n_images": len(images), "n_texts": 0,
-              "texts": "none"}
-    texts = None
-    if need_texts:
-        print(f"warning: calib={folder} holds images only, so the text tower is calibrated on random token ids "
-              f"(its OPTIN ranking is then close to arbitrary); pass a COCO captions .json or towers=image",
-              flush=True)
-        texts = random_tokens(bb, n, seed)
-        source.update(n_texts=n, texts="random tokens")
-    return Calibration(images, texts, source)
-
-
-def calibration_batch(bb: Backbone, calib: str = "", n: int = 64, *, split: str = "train", images_dir: str = "",
-                      seed: int = 0, need_texts: bool = True) -> Calibration:
-    """``n`` preprocessed images and ``n`` tokenized captions (a seeded sample) from ``calib``.
-
-    ``calib``: a COCO captions .json (images beside it or ``images_dir``), a data set root with
-    annotations/captions_<split>.json, a plain folder of images (texts are then random tokens, with a
-    warning), or empty for the shapes world (the cached training world, else a small generated one)."""
-    if not calib:
-        calib = str(default_calibration_root(n))
-        print(f"calibrating on the shapes world at {calib} (pass calib=... for a model trained on other data)",
-              flush=True)
-    path = Path(calib)
-    if path.is_file():
-        if path.suffix.lower() != ".json":
-            raise CompressError(f"calib={calib!r} is a file but not a COCO captions .json")
-        return _from_captions(bb, path, Path(images_dir) if images_dir else _guess_images_dir(path), n, seed)
-    ann = path / "annotations" / f"captions_{split}.json"
-    if ann.is_file():
-        return _from_captions(bb, ann, Path(images_dir) if images_dir else _guess_images_dir(ann), n, seed)
-    if ann.parent.is_dir():  # a data set root without this split: a typo rather than a folder of images
-        splits = sorted(p.stem[len("captions_"):] for p in ann.parent.glob("captions_*.json"))
-        raise CompressError(f"calib={calib!r} has no {ann.name}; splits there: {', '.join(splits) or 'none'} "
-                            f"(calib_split=...)")
-    if not path.is_dir():
-        raise CompressError(f"calib={calib!r} does not exist")
-    return _from_folder(bb, path, n, seed, need_texts)
 
 
 # ---- vlkit prune --------------------------------------------------------------------------------------
@@ -363,21 +110,6 @@ def _prune(args: list[str]) -> int:
 
 
 # ---- vlkit sparsify -----------------------------------------------------------------------------------
-def _check_sparsify(opts: SparsifyArgs) -> tuple[tuple[int, int] | None, tuple[str, ...]]:
-    pattern = None
-    if opts.pattern not in ("", "none"):
-        match = re.fullmatch(r"(\d+):(\d+)", opts.pattern)
-        if not match or not 0 < int(match[1]) < int(match[2]):
-            raise CompressError(f"pattern={opts.pattern!r}: expected none or N:M with 0 < N < M, e.g. pattern=2:4")
-        pattern = (int(match[1]), int(match[2]))
-    elif not 0.0 <= opts.amount < 1.0:
-        raise CompressError(f"amount={opts.amount} is out of range: the fraction of weights zeroed, in [0, 1)")
-    if opts.scope not in ("layer", "global"):
-        raise CompressError(f"scope={opts.scope!r} is not one of layer, global")
-    _check_out(opts.out, "sparsify")
-    return pattern, _parse_towers(opts.towers)
-
-
 @command("sparsify", "zero weights by magnitude or N:M pattern: vlkit sparsify model=... pattern=2:4 out=DIR",
          lambda a: _help("sparsify", SparsifyArgs, SPARSIFY_NOTE))
 def _sparsify(args: list[str]) -> int:
@@ -411,19 +143,6 @@ def _sparsify(args: list[str]) -> int:
 
 
 # ---- vlkit export -------------------------------------------------------------------------------------
-def _check_export(opts: ExportArgs) -> tuple[str, ...]:
-    if opts.format != "onnx":
-        raise CompressError(f"format={opts.format!r}: onnx is the one export format so far")
-    if opts.quantize not in ("none", "int8"):
-        raise CompressError(f"quantize={opts.quantize!r} is not one of none, int8")
-    if opts.exporter not in ("dynamo", "torchscript"):
-        raise CompressError(f"exporter={opts.exporter!r} is not one of dynamo, torchscript")
-    if opts.check_batch < 1:
-        raise CompressError(f"check_batch={opts.check_batch} must be >= 1")
-    _check_out(opts.out, "export", replaceable=False)
-    return _parse_towers(opts.towers)
-
-
 def _print_export(report: dict[str, Any], out: Path) -> None:
     print(f"{'file':28s} {'size':>10s} {'max |onnx - torch|':>19s}")
     for tower in TOWERS:

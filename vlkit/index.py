@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,109 +12,27 @@ import faiss
 import numpy as np
 import torch
 
-from vlkit.errors import VlkitError
-from vlkit.io import atomic_directory, fsync_path
+from vlkit.index_faiss import (
+    _faiss_msg,
+    _flat_storages,
+    _float32_block,
+    _make_faiss_index,
+    _min_train_size,
+    _to_numpy_rows,
+    _tunable_names,
+)
+from vlkit.index_store import (
+    FORMAT_VERSION,
+    IndexFormatError,
+    IndexMismatchError,
+    read_index_dir,
+    write_index_dir,
+)
 
 __all__ = ["FORMAT_VERSION", "IndexFormatError", "IndexMismatchError", "VectorIndex"]
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.npy"
-METADATA_FILE = "metadata.jsonl"
-_CORE_KEYS = ("format_version", "dim", "kind", "metric", "count")
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # Rows converted/added per faiss call: bounds the float32 copy made for non-float32 input (~64 MB).
 _ADD_CHUNK_BYTES = 64 << 20
-_MISSING = object()
-
-
-class IndexFormatError(VlkitError, ValueError):
-    """A saved index directory is incomplete, corrupt or from an unsupported format version."""
-
-
-class IndexMismatchError(VlkitError, ValueError):
-    """A saved index was built with a different model / configuration than the caller expects."""
-
-
-def _faiss_msg(e: BaseException) -> str:
-    # faiss prefixes errors with the C++ function and source line, which means nothing to a user.
-    return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip())
-
-
-def _make_faiss_index(dim: int, kind: str, metric: str) -> faiss.Index:
-    if metric not in _METRICS:
-        raise ValueError(
-            f"metric must be one of {sorted(_METRICS)}, got {metric!r} (use 'ip' for cosine on unit vectors)"
-        )
-    if kind.strip().lower() == "flat":
-        return faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
-    if "IDMap" in kind:
-        raise ValueError(
-            f"kind {kind!r}: drop the IDMap part, VectorIndex maps ids itself (pass ids= to add)"
-        )
-    try:
-        return faiss.index_factory(dim, kind, _METRICS[metric])
-    except RuntimeError as e:
-        raise ValueError(
-            f"faiss cannot build index kind {kind!r} for dim {dim}: {_faiss_msg(e)}. Use 'flat' or a faiss "
-            f"index_factory string such as 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ32' or 'PQ64x4fs,RFlat' "
-            f"(PQ<m> needs dim divisible by m)"
-        ) from None
-
-
-def _children(index: faiss.Index) -> Iterator[faiss.Index]:
-    """The sub-indexes of composite faiss indexes (pre-transform, refine, HNSW storage)."""
-    for attr in ("index", "base_index", "refine_index", "storage"):
-        child = getattr(index, attr, None)
-        if isinstance(child, faiss.Index):
-            yield faiss.downcast_index(child)
-
-
-def _min_train_size(index: faiss.Index) -> int:
-    """Fewest training vectors faiss accepts: the largest number of centroids any part must learn."""
-    idx = faiss.downcast_index(index)
-    need = int(getattr(idx, "nlist", 1) or 1)
-    pq = getattr(idx, "pq", None)
-    if pq is not None:
-        need = max(need, int(pq.ksub))
-    for child in _children(idx):
-        need = max(need, _min_train_size(child))
-    return need
-
-
-def _flat_storages(index: faiss.Index) -> Iterator[faiss.IndexFlatCodes]:
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexFlatCodes):
-        yield idx
-    for child in _children(idx):
-        yield from _flat_storages(child)
-
-
-def _tunable_names(index: faiss.Index) -> list[str]:
-    ps = faiss.ParameterSpace()
-    ps.initialize(index)
-    return [ps.parameter_ranges.at(i).name for i in range(ps.parameter_ranges.size())]
-
-
-def _to_numpy_rows(x: Any, dim: int, what: str) -> np.ndarray | torch.Tensor:
-    """Validate a [N, dim] (or [dim]) array without copying it; conversion happens per chunk."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-    elif not isinstance(x, np.ndarray):
-        x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x.reshape(1, -1)
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"{what} must have shape [N, {dim}] (the index dim), got {tuple(x.shape)}")
-    return x
-
-
-def _float32_block(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A C-contiguous float32 numpy block; no copy when ``x`` already is one (CPU tensors included)."""
-    if isinstance(x, torch.Tensor):
-        x = x.to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class _IdBuffer:
@@ -398,51 +315,21 @@ class VectorIndex:
         so a crash never leaves a half-written index at ``path`` and an existing one stays loadable.
         """
         target = Path(path).absolute()
-        _check_overwritable(target)
-        with atomic_directory(target) as tmp:
-            self._write_files(tmp)
+        write_index_dir(
+            target,
+            self._index,
+            self._ids.view(),
+            self._metadata,
+            {
+                "dim": self.dim,
+                "kind": self.kind,
+                "metric": self.metric,
+                "count": len(self),
+                "search_params": self.search_params,
+                "info": self.info,
+            },
+        )
         return target
-
-    def _write_files(self, root: Path) -> None:
-        files: dict[str, int] = {}
-        faiss.write_index(self._index, str(root / INDEX_FILE))
-        fsync_path(root / INDEX_FILE)
-        with open(root / IDS_FILE, "wb") as f:
-            np.save(f, self._ids.view(), allow_pickle=False)
-            _flush(f)
-        if self._metadata is not None:
-            self._write_metadata(root / METADATA_FILE)
-        for name in (INDEX_FILE, IDS_FILE, METADATA_FILE):
-            if (root / name).exists():
-                files[name] = (root / name).stat().st_size
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dim": self.dim,
-            "kind": self.kind,
-            "metric": self.metric,
-            "count": len(self),
-            "search_params": self.search_params,
-            "info": self.info,
-            "files": files,
-            "faiss_version": faiss.__version__,
-        }
-        with open(root / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            _flush(f)
-
-    def _write_metadata(self, path: Path) -> None:
-        assert self._metadata is not None
-        ids = self._ids.view()
-        with open(path, "w", encoding="utf-8") as f:
-            for pos, m in enumerate(self._metadata):
-                try:
-                    f.write(json.dumps(m, ensure_ascii=False) + "\n")
-                except (TypeError, ValueError) as e:
-                    raise TypeError(
-                        f"metadata of id {int(ids[pos])} is not JSON-serializable ({e}): keep metadata to "
-                        f"str/int/float/bool/None/list/dict values"
-                    ) from None
-            _flush(f)
 
     @classmethod
     def load(
@@ -457,130 +344,8 @@ class VectorIndex:
         required values; any difference raises ``IndexMismatchError`` before the index data is read.
         ``search_params`` override the saved ones (e.g. a larger ``nprobe``).
         """
-        root = Path(path)
-        manifest = _read_manifest(root)
-        _check_expect(root, manifest, expect or {})
-        _check_files(root, manifest)
-        try:
-            index = faiss.read_index(str(root / INDEX_FILE))
-        except RuntimeError as e:
-            raise IndexFormatError(
-                f"{root / INDEX_FILE} is not a readable faiss index ({_faiss_msg(e)}); {_REBUILD}"
-            ) from None
-        if index.d != manifest["dim"] or index.ntotal != manifest["count"]:
-            raise IndexFormatError(
-                f"{root / INDEX_FILE} holds {index.ntotal} vectors of dim {index.d} but the manifest says "
-                f"{manifest['count']} of dim {manifest['dim']}; {_REBUILD}"
-            )
-        ids = _read_ids(root / IDS_FILE, manifest["count"])
-        metadata = (
-            _read_metadata(root / METADATA_FILE, manifest["count"])
-            if METADATA_FILE in manifest["files"]
-            else None
-        )
+        manifest, index, ids, metadata = read_index_dir(Path(path), expect)
         obj = cls.__new__(cls)
         obj._setup(index, manifest["kind"], manifest["metric"], _IdBuffer(ids), metadata, manifest["info"])
         obj.set_search_params(**{**manifest["search_params"], **dict(search_params or {})})
         return obj
-
-
-_REBUILD = "re-save it or rebuild the index"
-
-
-def _flush(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _check_overwritable(target: Path) -> None:
-    if not os.path.lexists(target):
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory: choose another path for the index")
-    if any(target.iterdir()) and not (target / MANIFEST).exists():
-        raise FileExistsError(
-            f"{target} is a non-empty directory without {MANIFEST}, so not a saved VectorIndex; refusing to "
-            f"overwrite it: choose another path or remove it"
-        )
-
-
-def _read_manifest(root: Path) -> dict[str, Any]:
-    if not root.is_dir():
-        leftovers = (
-            sorted(p.name for p in root.parent.glob(f".{root.name}.old-*")) if root.parent.is_dir() else []
-        )
-        hint = (
-            f" (an interrupted save left the previous index at {leftovers[0]}: rename it back)"
-            if leftovers
-            else ""
-        )
-        raise FileNotFoundError(
-            f"no vector index at {root}: expected a directory written by VectorIndex.save{hint}; build one first "
-            f"(VectorIndex(...).add(...).save(path) or `vlkit index ...`)"
-        )
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IndexFormatError(
-            f"{root} has no {MANIFEST}, so it is not a saved VectorIndex; {_REBUILD}"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexFormatError(f"{root / MANIFEST} is corrupt ({e}); {_REBUILD}") from None
-    missing = [k for k in (*_CORE_KEYS, "files", "info", "search_params") if k not in manifest]
-    if missing:
-        raise IndexFormatError(f"{root / MANIFEST} lacks {missing}; {_REBUILD}")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{root} uses index format {manifest['format_version']} but this vlkit reads up to {FORMAT_VERSION}: "
-            f"upgrade vlkit"
-        )
-    return manifest
-
-
-def _check_expect(root: Path, manifest: dict[str, Any], expect: Mapping[str, Any]) -> None:
-    built, wanted = [], []
-    for key, want in expect.items():
-        have = manifest[key] if key in _CORE_KEYS else manifest["info"].get(key, _MISSING)
-        want = json.loads(json.dumps(want))  # compare as stored: tuples become lists, etc.
-        if have != want:
-            built.append(f"{key}={'(not recorded)' if have is _MISSING else repr(have)}")
-            wanted.append(f"{key}={want!r}")
-    if built:
-        raise IndexMismatchError(
-            f"index at {root} was built with {', '.join(built)} but is loaded with {', '.join(wanted)}: "
-            f"rebuild the index with the current model (e.g. `vlkit index ...`) or load the model it was built with"
-        )
-
-
-def _check_files(root: Path, manifest: dict[str, Any]) -> None:
-    if INDEX_FILE not in manifest["files"] or IDS_FILE not in manifest["files"]:
-        raise IndexFormatError(f"{root / MANIFEST} does not list {INDEX_FILE} and {IDS_FILE}; {_REBUILD}")
-    for name, size in manifest["files"].items():
-        p = root / name
-        if not p.is_file():
-            raise IndexFormatError(f"index at {root} is incomplete: {name} is missing; {_REBUILD}")
-        if p.stat().st_size != size:
-            raise IndexFormatError(
-                f"index at {root} is corrupt: {name} is {p.stat().st_size} bytes, the manifest says {size}; {_REBUILD}"
-            )
-
-
-def _read_ids(path: Path, count: int) -> np.ndarray:
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise IndexFormatError(f"{path} is not a valid id array ({e}); {_REBUILD}") from None
-    if ids.shape != (count,) or ids.dtype != np.int64:
-        raise IndexFormatError(f"{path} holds {ids.dtype} {ids.shape}, expected int64 ({count},); {_REBUILD}")
-    return ids
-
-
-def _read_metadata(path: Path, count: int) -> list[dict[str, Any] | None]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            meta = [json.loads(line) for line in f]
-        except json.JSONDecodeError as e:
-            raise IndexFormatError(f"{path} is corrupt ({e}); {_REBUILD}") from None
-    if len(meta) != count:
-        raise IndexFormatError(f"{path} has {len(meta)} records for {count} vectors; {_REBUILD}")
-    return meta

@@ -1,0 +1,93 @@
+"""The faiss side of a VectorIndex: kinds built from factory strings, their training needs, float32 input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def _faiss_msg(e: BaseException) -> str:
+    # faiss prefixes errors with the C++ function and source line, which means nothing to a user.
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip())
+
+
+def _make_faiss_index(dim: int, kind: str, metric: str) -> faiss.Index:
+    if metric not in _METRICS:
+        raise ValueError(
+            f"metric must be one of {sorted(_METRICS)}, got {metric!r} (use 'ip' for cosine on unit vectors)"
+        )
+    if kind.strip().lower() == "flat":
+        return faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    if "IDMap" in kind:
+        raise ValueError(
+            f"kind {kind!r}: drop the IDMap part, VectorIndex maps ids itself (pass ids= to add)"
+        )
+    try:
+        return faiss.index_factory(dim, kind, _METRICS[metric])
+    except RuntimeError as e:
+        raise ValueError(
+            f"faiss cannot build index kind {kind!r} for dim {dim}: {_faiss_msg(e)}. Use 'flat' or a faiss "
+            f"index_factory string such as 'HNSW32', 'IVF1024,Flat', 'IVF1024,PQ32' or 'PQ64x4fs,RFlat' "
+            f"(PQ<m> needs dim divisible by m)"
+        ) from None
+
+
+def _children(index: faiss.Index) -> Iterator[faiss.Index]:
+    """The sub-indexes of composite faiss indexes (pre-transform, refine, HNSW storage)."""
+    for attr in ("index", "base_index", "refine_index", "storage"):
+        child = getattr(index, attr, None)
+        if isinstance(child, faiss.Index):
+            yield faiss.downcast_index(child)
+
+
+def _min_train_size(index: faiss.Index) -> int:
+    """Fewest training vectors faiss accepts: the largest number of centroids any part must learn."""
+    idx = faiss.downcast_index(index)
+    need = int(getattr(idx, "nlist", 1) or 1)
+    pq = getattr(idx, "pq", None)
+    if pq is not None:
+        need = max(need, int(pq.ksub))
+    for child in _children(idx):
+        need = max(need, _min_train_size(child))
+    return need
+
+
+def _flat_storages(index: faiss.Index) -> Iterator[faiss.IndexFlatCodes]:
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexFlatCodes):
+        yield idx
+    for child in _children(idx):
+        yield from _flat_storages(child)
+
+
+def _tunable_names(index: faiss.Index) -> list[str]:
+    ps = faiss.ParameterSpace()
+    ps.initialize(index)
+    return [ps.parameter_ranges.at(i).name for i in range(ps.parameter_ranges.size())]
+
+
+def _to_numpy_rows(x: Any, dim: int, what: str) -> np.ndarray | torch.Tensor:
+    """Validate a [N, dim] (or [dim]) array without copying it; conversion happens per chunk."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+    elif not isinstance(x, np.ndarray):
+        x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"{what} must have shape [N, {dim}] (the index dim), got {tuple(x.shape)}")
+    return x
+
+
+def _float32_block(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 numpy block; no copy when ``x`` already is one (CPU tensors included)."""
+    if isinstance(x, torch.Tensor):
+        x = x.to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
