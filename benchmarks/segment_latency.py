@@ -4,7 +4,8 @@ Usage: python benchmarks/segment_latency.py [--models vlkit-tiny ViT-B-32] [--re
        [--threads N]
 Random weights (latency does not depend on them). The image is a PIL image at the model's input size,
 so resizing is not what is measured. Columns: encode_image on a ready tensor (the baseline); the parts
-of segment(), dense_features and the head (QueryDecoder) alone; segment() with the query embedding
+of segment(), dense_features and the head alone (``QueryDecoder.candidates``: slots that can pass the 0.5
+score threshold decoded into masks, as segment() runs it); segment() with the query embedding
 cached (as ``Segmenter`` does for a query run on many images); segment() encoding the query text too.
 Target: the cached segment() within 1.5x encode_image (the head, its post-processing and the
 preprocessing add well under 50%). Calls are interleaved round by round so a busy machine slows every
@@ -60,7 +61,7 @@ def bench(model: str, repeats: int, device: str) -> dict[str, float]:
     fns = {
         "encode_image": lambda: bb.encode_image(x),
         "dense": lambda: bb.dense_features(x),
-        "head": lambda: head(q, feats),
+        "head": lambda: head.candidates(q, feats, min_objectness=0.5),
         "segment_cached": lambda: segment(image, "red circle", bb, head, 0.5, query_emb=q),
         "segment": lambda: segment(image, "red circle", bb, head, 0.5),
     }

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from vlkit_ufo.head import (
     QueryDecoder,
@@ -205,6 +206,35 @@ def test_query_decoder_shapes():
     assert dec(torch.randn(1, 32), torch.randn(1, 4, 4, 32), out_size=(20, 20))["mask_logits"].shape == (1, 5, 20, 20)
     with pytest.raises(ValueError):
         dec(torch.randn(2, 16), torch.randn(2, 4, 4, 32))
+
+
+def test_direct_attention_equals_nn_multihead_attention():
+    from vlkit_ufo.head import _attention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    torch.testing.assert_close(_attention(mha, q, kv + 1, kv), mha(q, kv + 1, kv, need_weights=False)[0])
+    torch.testing.assert_close(_attention(mha, q, q, q), mha(q, q, q, need_weights=False)[0])
+
+
+def test_candidates_decode_exactly_the_slots_that_can_pass_the_threshold():
+    torch.manual_seed(0)
+    dec = QueryDecoder(embed_dim=32, num_slots=6, width=32, num_heads=4).eval()
+    query, feats = torch.randn(1, 32), torch.randn(1, 4, 3, 32)
+    with torch.no_grad():
+        full = dec(query, feats)
+        p = full["obj_logits"][0].sigmoid()
+        t = float(p.median())
+        idx, obj, logits = dec.candidates(query, feats, min_objectness=t)
+    assert idx.tolist() == (p > t).nonzero().squeeze(1).tolist() and 0 < len(idx) < 6
+    torch.testing.assert_close(obj, full["obj_logits"][0, idx])
+    torch.testing.assert_close(logits, full["mask_logits"][0, idx])
+    # every instance predict() keeps at threshold t comes from a decoded slot
+    kept = predict(full["mask_logits"][0], full["obj_logits"][0], score_threshold=t)
+    assert set(kept.slots.tolist()) <= set(idx.tolist())
+    with pytest.raises(ValueError, match="one image"):
+        dec.candidates(torch.randn(2, 32), torch.randn(2, 4, 3, 32))
 
 
 def test_ufo_loss_falls_on_one_synthetic_example():

@@ -297,3 +297,35 @@ def test_coco_mini_loads_through_the_plugin_data_path(coco_mini):
         assert item["image"].shape == (3, 32, 32) and len(item["masks"]) >= 1 and item["masks"].any()
     crowd_seen = any(bool(data.val[i]["iscrowd"].any()) for i in range(len(data.val)))
     assert crowd_seen  # coco-mini's val split holds 5 crowd regions
+
+
+def test_lora_adapters_train_on_the_image_tower_and_merge_for_inference(world, tmp_path):
+    from vlkit.engine.checkpoint import find_checkpoint, load_checkpoint
+    from vlkit_ufo import Segmenter
+
+    _, data, task = _build(world, "ufo.lora_rank=4")
+    task.train()
+    task(data.collate([data.train[i] for i in range(4)]))["loss"].backward()
+    trainable = {n: p for n, p in task.named_parameters() if p.requires_grad}
+    adapters = [n for n in trainable if n.startswith("backbone.")]
+    assert adapters and all("lora_" in n and ".visual." in n for n in adapters)
+    assert not any(".resblocks.1.mlp." in n for n in adapters)  # the last block's MLP: never run by maskclip
+    assert [n for n, p in trainable.items() if p.grad is None] == []  # DDP needs every one used
+    with pytest.raises(ConfigError, match="choose one"):
+        _build(world, "ufo.lora_rank=4", "ufo.freeze_backbone=false")
+
+    run = tmp_path / "lora-run"
+    plugin, cfg = resolve_config(_base(world, f"run.dir={run}", "train.max_steps=2", "optim.warmup_steps=1",
+                                       "train.checkpoint_every=0", "ufo.lora_rank=4", "optim.lr=1e-2"))
+    train(cfg, plugin)
+    seg = Segmenter.from_run(run, prefer="last")
+    assert not any("lora" in n for n, _ in seg.backbone.named_parameters())  # merged: plain weights
+    _, _, fresh = _build(world, "ufo.lora_rank=4")
+    plain = fresh.backbone.dense_features(data.collate([data.test[0]])["image"]).detach()
+    load_checkpoint(find_checkpoint(run, "last"), fresh, None, "ufo", "vlkit-tiny-test")
+    fresh.eval()
+    image = data.collate([data.test[0]])["image"]
+    with torch.no_grad():
+        tuned, merged = fresh.features(image), seg.backbone.dense_features(image)
+    assert not torch.allclose(tuned, plain)  # the adapters learned something
+    torch.testing.assert_close(merged, tuned, rtol=1e-4, atol=1e-5)

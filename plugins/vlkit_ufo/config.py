@@ -46,6 +46,11 @@ class UfoConfig:
     # true: the backbone is frozen (only the head trains); false: the image tower is fine-tuned too
     # (the text tower always stays frozen: query embeddings are cached and must keep their meaning)
     freeze_backbone: bool = True
+    # > 0: LoRA adapters (peft) of this rank on the image tower's MLPs train with the head while the
+    # backbone's own weights stay frozen (needs freeze_backbone=true); merged into the weights for inference
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj"])
 
     # ---- queries ----
     # add '<color> <shape>' phrases from annotations that carry a 'color' key (the shapes world)
@@ -94,5 +99,10 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"ufo.iou_types={list(cfg.iou_types)!r}: use a non-empty subset of {list(IOU_TYPES)}")
     if "{}" not in cfg.prompt:
         raise ConfigError(f"ufo.prompt={cfg.prompt!r} must contain '{{}}' where the query text goes")
+    if cfg.lora_rank < 0:
+        raise ConfigError(f"ufo.lora_rank={cfg.lora_rank} must be >= 0 (0 = no adapters)")
+    if cfg.lora_rank and not cfg.freeze_backbone:
+        raise ConfigError("ufo.lora_rank > 0 trains adapters on a frozen image tower; ufo.freeze_backbone=false "
+                          "fine-tunes the whole tower instead: choose one of them")
     if cfg.num_slots < 1 or cfg.eval_mask_size < 0 or cfg.negatives_per_image < 0:
         raise ConfigError("ufo.num_slots must be >= 1, ufo.eval_mask_size and ufo.negatives_per_image >= 0")

@@ -101,6 +101,27 @@ def _sine_pos_2d(h: int, w: int, dim: int, device: torch.device) -> Tensor:
     return torch.cat([y_code, x_code], dim=-1).reshape(h * w, dim)
 
 
+def _attention(mha: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``mha(q, k, v)[0]`` (batch first, no mask) computed directly from its weights with one fused
+    attention kernel: the same numbers without nn.MultiheadAttention's per-call checks, which cost more
+    than the arithmetic at this head's size."""
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    d, heads = mha.embed_dim, mha.num_heads
+    if q is k and k is v:
+        qp, kp, vp = F.linear(q, w, b).chunk(3, dim=-1)
+    else:
+        qp = F.linear(q, w[:d], b[:d])
+        kp = F.linear(k, w[d:2 * d], b[d:2 * d])
+        vp = F.linear(v, w[2 * d:], b[2 * d:])
+
+    def split(x: Tensor) -> Tensor:  # [B, L, d] -> [B, heads, L, d / heads]
+        return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
+
+    drop = mha.dropout if mha.training else 0.0
+    out = F.scaled_dot_product_attention(split(qp), split(kp), split(vp), dropout_p=drop)
+    return mha.out_proj(out.transpose(1, 2).flatten(-2))
+
+
 class _DecoderLayer(nn.Module):
     """Pre-norm cross-attention (slots -> patches), self-attention (slots <-> slots), MLP."""
 
@@ -115,10 +136,10 @@ class _DecoderLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor, mem: Tensor, mem_pos: Tensor) -> Tensor:
-        q = self.norm_q(x)
-        x = x + self.cross(q, mem + mem_pos, mem, need_weights=False)[0]
+        """``mem_pos`` = ``mem`` plus the position code (the keys; ``mem`` alone gives the values)."""
+        x = x + _attention(self.cross, self.norm_q(x), mem_pos, mem)
         s = self.norm_s(x)
-        x = x + self.self_attn(s, s, s, need_weights=False)[0]
+        x = x + _attention(self.self_attn, s, s, s)
         return x + self.mlp(self.norm_m(x))
 
 
@@ -167,8 +188,16 @@ class QueryDecoder(nn.Module):
         self.obj_head = nn.Linear(width, 1)
         self.mask_head = _mlp(width, width, num_mask_embeds * embed_dim)
         self.sem_head = _mlp(width, width, num_mask_embeds * embed_dim)
+        self._pos, self._pos_key = None, None
 
-    def forward(self, query: Tensor, feats: Tensor, out_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    def _position(self, h: int, w: int, like: Tensor) -> Tensor:
+        key = (h, w, like.device, like.dtype)
+        if self._pos_key != key:  # the same grid every call: computed once
+            self._pos, self._pos_key = _sine_pos_2d(h, w, self.width, like.device).to(like.dtype)[None], key
+        return self._pos
+
+    def _tokens(self, query: Tensor, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(normalised tokens [B, 1+N, W], query [B, D], feats [B, h, w, D]) in the head's dtype."""
         if query.dim() != 2 or feats.dim() != 4 or query.shape[0] != feats.shape[0]:
             raise ValueError(f"expected query [B,D] and feats [B,h,w,D], got {tuple(query.shape)}, {tuple(feats.shape)}")
         if query.shape[-1] != self.embed_dim or feats.shape[-1] != self.embed_dim:
@@ -177,18 +206,24 @@ class QueryDecoder(nn.Module):
         feats = feats.to(self.tokens.dtype)
         query = query.to(self.tokens.dtype)
         mem = self.feat_proj(feats.reshape(b, h * w, d))
-        pos = _sine_pos_2d(h, w, self.width, feats.device).to(mem.dtype).unsqueeze(0)
+        mem_pos = mem + self._position(h, w, mem)
         x = self.tokens.unsqueeze(0) + self.query_proj(query).unsqueeze(1)  # [B, 1+N, W]
         for layer in self.layers:
-            x = layer(x, mem, pos)
-        x = self.norm(x)
-        sem_tok, slots = x[:, 0], x[:, 1:]
-        k = self.num_mask_embeds
-        mask_emb = self.mask_head(slots).reshape(b, self.num_slots, k, d)
-        sem_emb = self.sem_head(sem_tok).reshape(b, k, d)
+            x = layer(x, mem, mem_pos)
+        return self.norm(x), query, feats
+
+    def _embeds(self, head: nn.Module, tokens: Tensor, query: Tensor) -> Tensor:
+        """[..., W] tokens -> [..., K, D] mask embeddings (plus the query itself with query_skip)."""
+        emb = head(tokens).unflatten(-1, (self.num_mask_embeds, self.embed_dim))
         if self.query_skip:
-            mask_emb = mask_emb + query[:, None, None, :]
-            sem_emb = sem_emb + query[:, None, :]
+            emb = emb + query.reshape(query.shape[0], *([1] * (emb.dim() - 2)), self.embed_dim)
+        return emb
+
+    def forward(self, query: Tensor, feats: Tensor, out_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        x, query, feats = self._tokens(query, feats)
+        sem_tok, slots = x[:, 0], x[:, 1:]
+        mask_emb = self._embeds(self.mask_head, slots, query)
+        sem_emb = self._embeds(self.sem_head, sem_tok, query)
         return {
             "obj_logits": self.obj_head(slots).squeeze(-1),
             "mask_emb": mask_emb,
@@ -196,6 +231,22 @@ class QueryDecoder(nn.Module):
             "sem_emb": sem_emb,
             "sem_logits": assemble_masks(sem_emb.unsqueeze(1), feats, out_size).squeeze(1),
         }
+
+    def candidates(self, query: Tensor, feats: Tensor, min_objectness: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference for one image: (slot indices [n], objectness logits [n], mask logits [n, r*h, r*w]) of
+        the slots whose sigmoid(objectness) exceeds ``min_objectness``, without the semantic branch.
+
+        A slot's score (``predict``) is sigmoid(objectness) times a mean probability <= 1, so a slot at or
+        below a score threshold t never has objectness above t: pass t here and only slots that can
+        pass are decoded into masks, which is most of the head's work."""
+        if query.shape[0] != 1:
+            raise ValueError(f"candidates() takes one image and one query, got a batch of {query.shape[0]}")
+        x, query, feats = self._tokens(query, feats)
+        slots = x[0, 1:]
+        obj = self.obj_head(slots).squeeze(-1)
+        keep = (obj.sigmoid() > min_objectness).nonzero().squeeze(1)
+        emb = self._embeds(self.mask_head, slots[keep], query)  # [n, K, D]
+        return keep, obj[keep], assemble_masks(emb[None], feats)[0]
 
 
 def masks_to_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:

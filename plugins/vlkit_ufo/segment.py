@@ -140,8 +140,8 @@ def segment(image: Image.Image | str | Path, query: str, backbone: Any, head: Qu
     feats = backbone.dense_features(x, mode=dense_mode)
     q = encode_queries(backbone, [query], prompt) if query_emb is None else query_emb.to(feats.device)
     if head is not None:
-        out = head(q.to(feats.device), feats)
-        masks, scores = slot_masks(out["mask_logits"][0], out["obj_logits"][0], size, mask_threshold, threshold)
+        _, obj, logits = head.candidates(q.to(feats.device), feats, min_objectness=threshold)
+        masks, scores = slot_masks(logits, obj, size, mask_threshold, threshold)
         return _to_instances(masks, scores, query)
     bg = encode_queries(backbone, list(background), prompt)
     prob = training_free_probs(q, feats, bg, backbone.logit_scale)[0, 0]
@@ -166,7 +166,7 @@ class Segmenter:
 
         from vlkit.config import schema_for, validate
         from vlkit.engine.checkpoint import WEIGHTS_FILE, find_checkpoint
-        from vlkit.engine.run import load_model
+        from vlkit.engine.run import load_model, set_seed
 
         from .config import UfoConfig
 
@@ -178,11 +178,20 @@ class Segmenter:
         cfg = validate(OmegaConf.load(run / "config.yaml"), schema_for("ufo", UfoConfig))
         if cfg.plugin != "ufo":
             raise VlkitError(f"{run} is a run of plugin {cfg.plugin!r}, not ufo")
+        set_seed(cfg.train.seed)  # as the run did: a randomly initialised backbone gets the run's weights
         backbone = load_model(cfg.model)
         head = build_decoder(cfg.ufo, backbone.embed_dim) if cfg.ufo.method == "head" else None
         if head is not None:
+            from vlkit.backbone.lora import add_lora, merge_lora
+
+            from .task import lora_spec
+
+            if cfg.ufo.lora_rank:
+                add_lora(backbone, lora_spec(cfg.ufo, backbone))
             state = load_file(str(find_checkpoint(run, prefer) / WEIGHTS_FILE))
             load_task_weights(state, backbone, head)
+            if cfg.ufo.lora_rank:
+                merge_lora(backbone)  # plain weights again: inference runs at the backbone's own speed
         if device:
             backbone.to(device)
             head = head.to(device) if head is not None else None

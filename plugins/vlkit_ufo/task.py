@@ -78,6 +78,18 @@ def _unfreeze_image_tower(backbone: Any, dense_mode: str) -> None:
                 getattr(last, name).requires_grad_(False)
 
 
+def lora_spec(cfg: UfoConfig, backbone: Any) -> Any:
+    """The adapters ``ufo.lora_rank`` puts on the image tower; never on layers the dense path skips."""
+    from vlkit.backbone.lora import LoraSpec
+
+    exclude = []
+    if cfg.dense_mode != "plain":
+        last = len(backbone.model.visual.transformer.resblocks) - 1
+        exclude.append(f"visual.transformer.resblocks.{last}.mlp")
+    return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=list(cfg.lora_targets), tower="image",
+                    exclude=exclude)
+
+
 class UfoTask(nn.Module):
     """Trains the ufo head on frozen (or fine-tuned) dense features and evaluates every category of the
     data set as a query in every image: segm/bbox AP through COCOeval and semantic mIoU."""
@@ -91,6 +103,11 @@ class UfoTask(nn.Module):
         backbone.requires_grad_(False)
         if not cfg.freeze_backbone:
             _unfreeze_image_tower(backbone, cfg.dense_mode)
+        if cfg.lora_rank:
+            from vlkit.backbone.lora import add_lora
+
+            add_lora(backbone, lora_spec(cfg, backbone))
+        self.tunes_backbone = not cfg.freeze_backbone or cfg.lora_rank > 0
         self.decoder = build_decoder(cfg, backbone.embed_dim)
         # cached once: the text tower never trains, and queries come from a fixed vocabulary
         self.register_buffer("query_emb", encode_queries(backbone, vocab.texts, cfg.prompt), persistent=False)
@@ -103,12 +120,12 @@ class UfoTask(nn.Module):
 
     def train(self, mode: bool = True) -> UfoTask:
         super().train(mode)
-        if self.cfg.freeze_backbone:  # a frozen backbone always runs as at inference
+        if not self.tunes_backbone:  # a frozen backbone always runs as at inference
             self.backbone.eval()
         return self
 
     def features(self, images: Tensor) -> Tensor:
-        trainable = self.training and not self.cfg.freeze_backbone
+        trainable = self.training and self.tunes_backbone
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.backbone.dense_features(images, mode=self.cfg.dense_mode)
 
