@@ -47,7 +47,7 @@ def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int =
     return {name: 1000 * statistics.median(ts) for name, ts in times.items()}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bench(model: str, repeats: int, device: str) -> dict[str, float]:
     torch.manual_seed(0)
     bb = load_backbone(model).to(device).eval()

@@ -122,6 +122,23 @@ def test_retriever_search_save_load_and_wrong_backbone(world, tiny_dir, tmp_path
         Retriever.load(tmp_path / "index", backbone=load_backbone("vlkit-tiny-test"))
 
 
+def test_int8_retriever_embeds_close_to_fp32_and_keeps_the_setting(world, tiny_dir, tmp_path):
+    bb = load_backbone(tiny_dir)
+    files = sorted((world / "images" / "test").glob("*.png"))
+    _, fp32 = Retriever(bb, num_workers=0, progress=False).embed_images(files)
+    int8 = Retriever(bb, num_workers=1, progress=False, int8=True)
+    kept, q8 = int8.embed_images(files)
+    assert kept == list(range(len(files))) and not torch.equal(q8, fp32)  # really another computation
+    cos = (q8 * fp32).sum(-1)
+    assert float(cos.min()) > 0.99 and torch.allclose(q8.norm(dim=-1), torch.ones(len(files)))
+    # the backbone itself is untouched: still plain linear layers, same fp32 embeddings
+    assert torch.equal(Retriever(bb, num_workers=0, progress=False).embed_images(files)[1], fp32)
+    int8.add_images(files)
+    int8.save(tmp_path / "index")
+    loaded = Retriever.load(tmp_path / "index", progress=False)
+    assert loaded.int8 and loaded.search(image=files[3], k=1)[0].id == 3  # queries encoded as the index was
+
+
 @pytest.mark.slow
 def test_two_process_index_equals_one_process(world, tiny_dir, tmp_path):
     import numpy as np

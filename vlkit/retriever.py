@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,13 +80,45 @@ def batch_slices(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list
     return [range(s, min(s + batch_size, n)) for b, s in enumerate(range(0, n, batch_size)) if b % world == rank]
 
 
-class Retriever:
-    """Image and text embeddings of one backbone in faiss indexes, with ids and metadata."""
+def default_workers() -> int:
+    """Decoding workers beside the encoder: one per two cores (decoding is ~10% of the work), 1 to 4."""
+    return min(4, max(1, (os.cpu_count() or 2) // 2))
 
-    def __init__(self, backbone: Backbone, kind: str = "flat", batch_size: int = 64, num_workers: int = 2,
-                 progress: bool = True) -> None:
+
+def int8_image_encoder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A CPU image encoder whose linear layers run in int8 (weights quantized per tensor ahead of time,
+    activations at run time): about 1.5x the fp32 speed on an AVX2 CPU, embeddings within a cosine of
+    ~0.999 of fp32 (measured in tests/test_retrieval_plugin.py). The backbone itself is left untouched."""
+    import copy
+    import warnings
+
+    if backbone.device.type != "cpu":
+        raise VlkitError("int8=True quantizes for the CPU; on a GPU index in the backbone's own precision")
+    with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        visual = quantize_dynamic(copy.deepcopy(backbone.model.visual).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(visual(images), dim=-1)
+
+    return encode
+
+
+class Retriever:
+    """Image and text embeddings of one backbone in faiss indexes, with ids and metadata.
+
+    ``num_workers`` processes decode images beside the encoder (default: one per two cores); ``int8``
+    encodes images with int8 linear layers on the CPU (faster, approximate; see ``int8_image_encoder``)."""
+
+    def __init__(self, backbone: Backbone, kind: str = "flat", batch_size: int = 64, num_workers: int | None = None,
+                 progress: bool = True, int8: bool = False) -> None:
         self.backbone = backbone.eval()
-        self.kind, self.batch_size, self.num_workers, self.progress = kind, batch_size, num_workers, progress
+        self.kind, self.batch_size, self.progress = kind, batch_size, progress
+        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.int8 = int8
+        self._encode_images = int8_image_encoder(backbone) if int8 else self.backbone.encode_image
         self.indexes: dict[str, VectorIndex] = {}
         self._identity = backbone.identity
 
@@ -115,7 +147,7 @@ class Retriever:
                     report.add(Path(str(images[i])), reason)
             if good:
                 kept += [i for i, _ in good]
-                embs.append(self.backbone.encode_image(torch.stack([x for _, x in good])))
+                embs.append(self._encode_images(torch.stack([x for _, x in good])))
         return kept, (torch.cat(embs) if embs else torch.empty(0, self.backbone.embed_dim))
 
     # ---- building ---------------------------------------------------------------------------------
@@ -192,7 +224,8 @@ class Retriever:
             for target, index in self.indexes.items():
                 index.save(tmp / target)
             manifest = {"backbone": self._identity, "backbone_source": self.backbone.source,
-                        "embed_dim": self.backbone.embed_dim, "kind": self.kind, "targets": sorted(self.indexes)}
+                        "embed_dim": self.backbone.embed_dim, "kind": self.kind, "targets": sorted(self.indexes),
+                        "int8": self.int8}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return Path(directory)
 
@@ -211,6 +244,7 @@ class Retriever:
                 f"but the loaded backbone is {backbone.identity} (dim {backbone.embed_dim}): rebuild it with "
                 f"`vlkit index images=... out={directory} model=...` or load the matching model"
             )
+        kwargs.setdefault("int8", bool(manifest.get("int8", False)))  # image queries encoded as the index was
         retriever = cls(backbone, kind=manifest["kind"], **kwargs)
         for target in manifest["targets"]:
             retriever.indexes[target] = VectorIndex.load(directory / target, expect={"backbone": manifest["backbone"]})

@@ -32,7 +32,8 @@ def build_index(opts: Any) -> tuple[Retriever | None, SkipReport]:
     if not files:
         raise VlkitError(f"no image files found under {opts.images}")
     backbone = load_model_arg(opts.model, opts.pretrained)
-    retriever = Retriever(backbone, kind=opts.kind, batch_size=opts.batch_size, num_workers=opts.workers,
+    retriever = Retriever(backbone, kind=opts.kind, batch_size=opts.batch_size,
+                          num_workers=opts.workers if opts.workers >= 0 else None, int8=opts.int8,
                           progress=opts.progress and state.is_main_process)
     report = SkipReport()
     kept, emb = retriever.embed_images(files, rank=state.process_index, world=state.num_processes, report=report)
