@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pycocotools.coco import COCO
 from torch import Tensor, nn
 
+from vlkit.backbone.lora import LoraSpec, add_lora
 from vlkit.errors import VlkitError
 from vlkit.metrics.coco_eval import coco_evaluate, instances_to_coco_results
 from vlkit.metrics.segmentation import MeanIoU, confusion_matrix
@@ -78,10 +79,8 @@ def _unfreeze_image_tower(backbone: Any, dense_mode: str) -> None:
                 getattr(last, name).requires_grad_(False)
 
 
-def lora_spec(cfg: UfoConfig, backbone: Any) -> Any:
+def lora_spec(cfg: UfoConfig, backbone: Any) -> LoraSpec:
     """The adapters ``ufo.lora_rank`` puts on the image tower; never on layers the dense path skips."""
-    from vlkit.backbone.lora import LoraSpec
-
     exclude = []
     if cfg.dense_mode != "plain":
         last = len(backbone.model.visual.transformer.resblocks) - 1
@@ -104,8 +103,6 @@ class UfoTask(nn.Module):
         if not cfg.freeze_backbone:
             _unfreeze_image_tower(backbone, cfg.dense_mode)
         if cfg.lora_rank:
-            from vlkit.backbone.lora import add_lora
-
             add_lora(backbone, lora_spec(cfg, backbone))
         self.tunes_backbone = not cfg.freeze_backbone or cfg.lora_rank > 0
         self.decoder = build_decoder(cfg, backbone.embed_dim)
