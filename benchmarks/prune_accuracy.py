@@ -4,7 +4,7 @@ Usage: python benchmarks/prune_accuracy.py --backbone DIR --data SHAPES_ROOT [--
        [--flops 0.8 0.6 0.4] [--methods optin magnitude random] [--n-calib 64] [--seed 0] [--threads 2]
        [--plot prune_accuracy.png] [--json results.json]
 
-DIR is a saved backbone trained for retrieval (e.g. $VLKIT_CACHE/backbones/vlkit-tiny-shapes); SHAPES_ROOT a
+DIR is a saved backbone trained for retrieval (e.g. vlkit/backbone/weights/vlkit-tiny-shapes, the shipped default); SHAPES_ROOT a
 shapes world (or any COCO-captions layout: images/<split>/ and annotations/captions_<split>.json). Both
 towers are pruned to each FLOP fraction; R@1 text->image and image->text is measured on all images and
 captions of --split (a caption shared by several images matches all of them, as in the retrieval

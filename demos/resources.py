@@ -37,7 +37,7 @@ def demo_world() -> Path:
     cached (training the default backbone makes it), else a test-split-only world made once (seconds)."""
     from omegaconf import OmegaConf
 
-    from vlkit.cache import cache_root, shapes_dir
+    from vlkit.cache import WORLD_VERSION, cache_root, shapes_dir
     from vlkit.config import DataConfig
     from vlkit.data.shapes import generate_shapes
     from vlkit.io import atomic_directory
@@ -45,7 +45,7 @@ def demo_world() -> Path:
     default = shapes_dir(OmegaConf.structured(DataConfig))
     if (default / "annotations").is_dir():
         return default
-    root = cache_root() / "demo" / "shapes-test-px64-seed0"
+    root = cache_root() / "demo" / f"{WORLD_VERSION}-test-px64-seed0"
     if not (root / "annotations").is_dir():
         print(f"generating the demo's shapes images into {root} (once) ...", flush=True)
         with atomic_directory(root) as tmp:  # per-image RNG: the same images as the default world's test split

@@ -41,3 +41,12 @@ def test_experiment_overrides_group_and_values():
     assert cfg.model.name == "vlkit-tiny-test" and cfg.data.n_train == 256 and cfg.train.epochs == 1
     _, cfg = resolve_config(["experiment=smoke", "train.epochs=3"])
     assert cfg.train.epochs == 3  # the command line wins over the experiment file
+
+
+def test_simple_commands_check_ranges_too():
+    from vlkit.commands import SearchArgs
+    from vlkit.config import ConfigError, parse_kv
+
+    with pytest.raises(ConfigError, match=r"'k': 0 \(it must be >= 1\)"):
+        parse_kv(["index=x", "text=a", "k=0"], SearchArgs)
+    assert parse_kv(["index=x", "text=a", "k=3"], SearchArgs).k == 3

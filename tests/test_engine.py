@@ -70,8 +70,10 @@ def test_hard_crash_resumes_from_last_checkpoint(tmp_path, toy_plugin):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_plugin):
-    with pytest.raises(TrainingError, match="loss became nan"):
+    with pytest.raises(TrainingError, match="loss became nan.*the last good checkpoint .* is kept"):
         _run(tmp_path, "nan", "toy.nan_at_step=6")
+    with pytest.raises(TrainingError, match="no checkpoint had been written yet"):  # NaN before any checkpoint
+        _run(tmp_path, "nan-early", "toy.nan_at_step=2")
     state = json.loads((tmp_path / "nan/checkpoints/last/trainer_state.json").read_text())
     assert state["step"] == 4
     assert all(torch.isfinite(v.float()).all() for v in _weights(tmp_path, "nan").values())
@@ -98,3 +100,40 @@ def test_best_checkpoint_tracks_val_metric(tmp_path, toy_plugin):
     assert (tmp_path / "best/checkpoints/best/task.safetensors").is_file()
     log_steps = {r["step"] for r in _log(tmp_path, "best")}
     assert metrics["best"]["step"] in log_steps
+
+
+def test_a_refused_resume_leaves_the_run_config_untouched(tmp_path, toy_plugin):
+    _run(tmp_path, "r", "train.epochs=1")
+    before = (tmp_path / "r" / "config.yaml").read_bytes()
+    for extra in (["model.name=vlkit-tiny"], ["toy.dim=5"]):  # refused early / refused when the task is built
+        with pytest.raises(CheckpointError):
+            _run(tmp_path, "r", "train.epochs=2", "resume=true", *extra)
+        assert (tmp_path / "r" / "config.yaml").read_bytes() == before
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("train.batch_size", "0", ">= 1"), ("train.batch_size", "-4", ">= 1"), ("train.grad_accum", "0", ">= 1"),
+    ("train.epochs", "-1", ">= 0"), ("optim.lr", "-0.1", ">= 0.0"), ("data.image_size", "8", ">= 16"),
+])
+def test_out_of_range_numbers_fail_before_any_work(key, value, allowed, toy_plugin):
+    from vlkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"'{key}': {value} \(it must be {allowed}\)"):
+        resolve_config([*BASE, f"{key}={value}"])
+
+
+def test_nothing_to_train_and_unwritable_run_dir_fail_before_building(tmp_path, toy_plugin, monkeypatch):
+    import vlkit.engine.run as run_mod
+    from vlkit.config import ConfigError
+
+    def no_build(*a, **k):  # must not be reached
+        raise AssertionError("the model and data were built before the config was checked")
+
+    monkeypatch.setattr(run_mod, "build", no_build)
+    with pytest.raises(ConfigError, match="trains nothing"):
+        _run(tmp_path, "zero", "train.epochs=0")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file, not a folder"):
+        _run(tmp_path, "afile")
+    with pytest.raises(ConfigError, match="cannot be created or written"):
+        _run(tmp_path, "afile/sub")

@@ -212,3 +212,16 @@ def test_coco_mini_instances_with_polygons_and_crowd_rle():
         areas = torch.tensor([ds.coco.anns[int(i)]["area"] for i in item["ann_ids"]])
         assert torch.allclose(item["masks"].flatten(1).sum(1).float(), areas.float(), rtol=0.1)
     assert ds[ds.image_ids.index(crowd_image)]["iscrowd"].any()
+
+
+def test_oversized_images_are_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vlkit.data.images import ImageLoadError, load_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(path)
+    assert load_image(path).size == (300, 200)
+    monkeypatch.setenv("VLKIT_MAX_IMAGE_PIXELS", "50000")
+    with pytest.raises(ImageLoadError, match="300 x 200 pixels is over the limit of 50,000"):
+        load_image(path)

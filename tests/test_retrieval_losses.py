@@ -130,3 +130,18 @@ def test_registry_lookup_and_errors():
         combined_loss(img, txt, torch.eye(2, dtype=torch.bool), 1.0, weights={"contrastiv": 1.0})
     with pytest.raises(ValueError, match="positive_mask"):
         ranking_loss(img, txt, torch.eye(3, dtype=torch.bool))
+
+
+def test_contrastive_extra_negative_texts_only_compete_in_image_rows():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    pos = torch.zeros(3, 5, dtype=torch.bool)
+    pos[0, 0] = pos[1, 1] = pos[2, 2] = True  # texts 3 and 4: hard negatives, true of no image
+    logits = 10.0 * img @ txt.T
+    i2t = F.cross_entropy(logits, torch.arange(3))  # rows see all 5 texts
+    t2i = F.cross_entropy(logits[:, :3].T, torch.arange(3))  # columns: only the 3 matched texts
+    assert contrastive_loss(img, txt, pos, 10.0).item() == pytest.approx(((i2t + t2i) / 2).item(), rel=1e-5)
+    # and a hard negative raises the loss of the image it resembles
+    closer = txt.clone()
+    closer[3] = img[0]
+    assert contrastive_loss(img, closer, pos, 10.0) > contrastive_loss(img, txt, pos, 10.0)

@@ -13,6 +13,7 @@ from vlkit.backbone import load_backbone
 from vlkit.cli import main, resolve_config
 from vlkit.data.shapes import generate_shapes
 from vlkit.engine.run import train
+from vlkit.errors import VlkitError
 from vlkit.index import IndexMismatchError
 from vlkit.retriever import Retriever
 from vlkit_retrieval.config import RetrievalConfig
@@ -59,6 +60,59 @@ def test_training_raises_recall_and_exports_backbone(world, tmp_path):
     from vlkit.cache import backbone_dir
 
     assert load_backbone(backbone_dir("tiny-world")).identity == exported.identity
+
+
+def test_validation_log_has_training_time_and_a_recall_plot(world, tmp_path):
+    plugin, cfg = resolve_config(["plugin=retrieval", "model=tiny-test", f"data.root={world}", "train.epochs=3",
+                                  "train.batch_size=16", "train.progress=false", "optim.warmup_steps=1",
+                                  f"run.dir={tmp_path / 'r'}"])
+    train(cfg, plugin)
+    # validation at the end of every epoch, each with the training time so far, plotted against CPU minutes
+    evals = [json.loads(x) for x in (tmp_path / "r/eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [3, 6, 9]
+    assert all(0 < a["cpu_s"] < b["cpu_s"] and a["wall_s"] < b["wall_s"] for a, b in zip(evals, evals[1:]))
+    assert (tmp_path / "r/recall.png").stat().st_size > 0 and "zeroshot_acc" in evals[-1]
+
+
+def test_export_under_a_shipped_name_is_refused_before_training(world, tmp_path):
+    plugin, cfg = resolve_config(["plugin=retrieval", "model=tiny-test", f"data.root={world}",
+                                  "retrieval.export_as=vlkit-tiny-shapes", f"run.dir={tmp_path / 'r'}"])
+    with pytest.raises(VlkitError, match="names a backbone shipped with vlkit"):
+        train(cfg, plugin)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_scene_positives_and_hard_negatives_in_a_batch(world):
+    from vlkit.data.shapes import true_captions
+    from vlkit_retrieval.data import build_data
+
+    bb = load_backbone("vlkit-tiny-test")
+    _, cfg = resolve_config(["plugin=retrieval", "model=tiny-test", f"data.root={world}",
+                             "retrieval.hard_negatives=true"])
+    data = build_data(cfg, bb)
+    torch.manual_seed(0)
+    items = [data.train[i] for i in range(16)]
+    batch = data.collate(items)
+    n = len(items)
+    assert batch["pos"].shape == (n, len(batch["captions"])) and len(batch["captions"]) > n
+    scenes = data.train.scenes
+    for i, it in enumerate(items):
+        truths = true_captions(scenes.objects[it["image_id"]], 32)
+        assert batch["pos"][i].tolist() == [c in truths for c in batch["captions"]]
+        assert batch["pos"][i, i] and it["negative"] not in truths
+    # positives=caption: the old rule (the same image or the very same text), no scene needed; with several
+    # captions per image, each image row holds all of its own
+    _, cfg = resolve_config(["plugin=retrieval", "model=tiny-test", f"data.root={world}",
+                             "retrieval.positives=caption", "retrieval.captions_per_image=2"])
+    data = build_data(cfg, bb)
+    items = [data.train[i] for i in range(16)]
+    batch = data.collate(items)
+    caps = batch["captions"]
+    assert len(caps) == 32 and batch["pos"].shape == (16, 32)
+    for i, it in enumerate(items):
+        own = {" ".join(c.lower().split()) for c in it["captions"]}
+        assert batch["pos"][i].tolist() == [j // 2 == i or " ".join(c.lower().split()) in own
+                                            for j, c in enumerate(caps)]
 
 
 def test_lock_image_trains_only_the_text_tower(tiny_dir):
@@ -157,3 +211,36 @@ def test_two_process_index_equals_one_process(world, tiny_dir, tmp_path):
         assert np.array_equal(x, y)
     assert json.loads((tmp_path / "one/retriever.json").read_text()) == json.loads(
         (tmp_path / "two/retriever.json").read_text())
+
+
+def test_preloaded_images_equal_the_transform_and_training_is_unchanged(world, tmp_path):
+    from vlkit.data.coco import CocoCaptions
+    from vlkit_retrieval.data import DecodedImages
+
+    bb = load_backbone("vlkit-tiny-test")
+    source = CocoCaptions(world / "images" / "train", world / "annotations" / "captions_train.json")
+    decoded = DecodedImages(source, bb.preprocess, progress=False)
+    assert decoded.ok and decoded.array.dtype.name == "uint8"
+    for k in (0, 7, len(source) - 1):
+        assert torch.equal(decoded.tensor(k), bb.preprocess(source.load(k)))
+    logs = {}
+    for mb in (0, 64):  # preload off / on: the same losses, bit for bit
+        plugin, cfg = resolve_config(["plugin=retrieval", "model=tiny-test", f"data.root={world}", "train.epochs=1",
+                                      "train.batch_size=16", "train.progress=false", "train.best_metric=",
+                                      f"retrieval.preload_mb={mb}", f"run.dir={tmp_path / str(mb)}"])
+        train(cfg, plugin)
+        logs[mb] = [json.loads(x)["loss"] for x in (tmp_path / str(mb) / "train_log.jsonl").read_text().splitlines()]
+    assert logs[0] == logs[64] and len(logs[0]) == 3
+
+
+def test_a_folder_of_only_bad_images_is_a_clear_error_and_writes_no_index(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    (bad / "b.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(VlkitError, match="none of the 2 images could be read"):
+        Retriever(load_backbone(tiny_dir), num_workers=0, progress=False).add_images(bad)
+    code = main(["index", f"images={bad}", f"out={tmp_path / 'idx'}", f"model={tiny_dir}", "workers=0",
+                 "progress=false"])
+    assert code != 0 and "none of the 2 images" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()

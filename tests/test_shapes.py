@@ -206,3 +206,38 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
         generate_shapes(tmp_path, **kw)
     summary = generate_shapes(tmp_path, overwrite=True, **{**kw, "n_train": 2})
     assert len(list((tmp_path / "images" / "train").iterdir())) == summary["images"]["train"] == 2
+
+
+def test_true_captions_hold_every_written_caption_and_hard_negatives_are_false():
+    from vlkit.data.shapes import SceneObject, captions_for, false_caption, scene_objects, true_captions
+
+    for index in range(60):
+        scene = scene_for(SEED, "train", index, 64)
+        truths = true_captions(scene.objects, 64)
+        written = captions_for(scene, np.random.default_rng([SEED, 0, index, 1]))
+        assert set(written) <= truths
+        rng = np.random.default_rng(index)
+        for _ in range(5):
+            neg = false_caption(scene.objects, 64, rng)
+            assert neg is not None and neg not in truths
+    # the instance records of a world carry what true_captions needs, and give the same truths
+    a = SceneObject("circle", "red", 10.0, 10.0)
+    b = SceneObject("star", "blue", 50.0, 12.0)
+    assert "a red circle to the left of a blue star" in true_captions([a, b], 64)
+    assert "a blue star to the right of a red circle" in true_captions([a, b], 64)
+    assert "a red circle to the right of a blue star" not in true_captions([a, b], 64)
+    records = [{"category_id": SHAPES.index("circle") + 1, "color": "red", "center": [10.0, 10.0]}]
+    assert scene_objects(records) == [a]
+    assert scene_objects([{"category_id": 1}]) is None  # COCO records: no scene
+
+
+def test_instances_record_each_object_centre(world):
+    from vlkit.data.shapes import scene_objects, true_captions
+
+    root = world[0]
+    caps = json.loads((root / "annotations" / "captions_train.json").read_text())["annotations"]
+    insts = json.loads((root / "annotations" / "instances_train.json").read_text())["annotations"]
+    for image_id in range(1, COUNTS["train"] + 1):
+        objs = scene_objects([a for a in insts if a["image_id"] == image_id])
+        truths = true_captions(objs, SIZE)
+        assert all(c["caption"] in truths for c in caps if c["image_id"] == image_id)

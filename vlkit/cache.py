@@ -10,6 +10,10 @@ from omegaconf import DictConfig
 from vlkit.errors import VlkitError
 from vlkit.io import atomic_directory
 
+# == vlkit.data.shapes.GENERATOR_VERSION (a test holds it so), written here to keep numpy/scipy out of
+# this import; a new generator version gets a new cache folder instead of reusing an older world.
+WORLD_VERSION = "shapes-v2"
+
 
 def cache_root() -> Path:
     """VLKIT_CACHE, else ~/.cache/vlkit."""
@@ -20,7 +24,7 @@ def shapes_dir(data: DictConfig) -> Path:
     """Where the shapes world of these parameters lives (data.root, or a cache folder named by them)."""
     if data.root:
         return Path(data.root)
-    tag = f"shapes-{data.n_train}-{data.n_val}-{data.n_test}-px{data.image_size}-seed{data.seed}"
+    tag = f"{WORLD_VERSION}-{data.n_train}-{data.n_val}-{data.n_test}-px{data.image_size}-seed{data.seed}"
     if data.n_czsl_per_pair != 100:
         tag += f"-czsl{data.n_czsl_per_pair}"
     return cache_root() / "data" / tag
@@ -56,20 +60,17 @@ def cached_backbone(name: str) -> Path | None:
 
 
 def provide_backbone(name: str) -> Path:
-    """A named trained backbone from the cache, or built by the plugin that provides it."""
+    """The folder of backbone ``name``: a backbone shipped inside vlkit (checked against its sha256), else
+    one exported into vlkit's cache (``retrieval.export_as=NAME``). Nothing is trained here."""
+    from vlkit.backbone.shipped import shipped_backbone, shipped_names
+
+    shipped = shipped_names()
+    if name in shipped:
+        return shipped_backbone(name)
     found = cached_backbone(name)
     if found is not None:
         return found
-    from vlkit.plugins import get_plugin, list_plugins
-
-    for plugin_name in list_plugins():
-        plugin = get_plugin(plugin_name)
-        if name in plugin.provides:
-            print(f"no cached backbone {name!r} in {backbone_dir(name)}: training it first with plugin "
-                  f"{plugin_name!r} (a one-time job; `vlkit train plugin={plugin_name}` does the same)", flush=True)
-            plugin.provides[name](backbone_dir(name))
-            found = cached_backbone(name)
-            if found is None:
-                raise VlkitError(f"plugin {plugin_name!r} did not produce backbone {name!r}")
-            return found
-    raise VlkitError(f"no plugin provides the backbone {name!r} and none is cached in {backbone_dir(name)}")
+    raise VlkitError(
+        f"no backbone named {name!r}: vlkit ships {', '.join(shipped) or 'none'}, and {backbone_dir(name)} holds "
+        f"none. Train one and export it under that name: vlkit train plugin=retrieval retrieval.export_as={name}"
+    )

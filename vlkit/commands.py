@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlkit.cli import command
-from vlkit.config import describe, parse_kv
+from vlkit.config import bounded, describe, parse_kv
 
 
 @dataclass
@@ -49,7 +49,7 @@ class IndexArgs:
     captions: str = ""
     # flat (exact) or a faiss factory string such as HNSW32 or IVF1024,PQ32
     kind: str = "flat"
-    batch_size: int = 64
+    batch_size: int = bounded(64, 1)
     # image-decoding worker processes; -1 = one per two CPU cores (1 to 4), 0 = decode in the main process
     workers: int = -1
     # encode images with int8 linear layers (CPU only): 1.2-1.5x faster, embeddings at cosine ~0.9998 to fp32
@@ -62,7 +62,7 @@ class SearchArgs:
     index: str = ""
     text: str = ""
     image: str = ""
-    k: int = 5
+    k: int = bounded(5, 1)
     # images: text/image -> images; texts: image/text -> captions
     target: str = "images"
 

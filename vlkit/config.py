@@ -19,6 +19,11 @@ class ConfigError(VlkitError, ValueError):
     """A bad configuration key or value; raised before any work starts."""
 
 
+def bounded(default: Any, low: float | None = None, high: float | None = None) -> Any:
+    """A schema field with an allowed range, checked by ``validate`` before any work starts."""
+    return field(default=default, metadata={"low": low, "high": high})
+
+
 @dataclass
 class ModelConfig:
     # An open_clip model name (ViT-B-32, vlkit-tiny), a saved vlkit backbone folder, or local-dir:PATH.
@@ -41,51 +46,51 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     # Shapes world generation parameters (only for name=shapes).
-    n_train: int = 20000
-    n_val: int = 1000
-    n_test: int = 1000
-    image_size: int = 64
+    n_train: int = bounded(20000, 0)
+    n_val: int = bounded(1000, 0)
+    n_test: int = bounded(1000, 0)
+    image_size: int = bounded(64, 16)
     seed: int = 0
     # images per attribute-object pair in the world's CZSL split
-    n_czsl_per_pair: int = 100
+    n_czsl_per_pair: int = bounded(100, 0)
     # Use at most this many training items (0 = all): quick experiments and tests.
-    limit_train: int = 0
-    limit_eval: int = 0
+    limit_train: int = bounded(0, 0)
+    limit_eval: int = bounded(0, 0)
     # raise = stop at the first unreadable image; skip = leave it out and report it.
     on_error: str = "raise"
-    num_workers: int = 0
+    num_workers: int = bounded(0, 0)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 5e-4
-    weight_decay: float = 0.1
+    lr: float = bounded(5e-4, 0.0)
+    weight_decay: float = bounded(0.1, 0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     # cosine | constant | linear, after a linear warmup
     scheduler: str = "cosine"
-    warmup_steps: int = 100
+    warmup_steps: int = bounded(100, 0)
     # max gradient norm; 0 disables clipping
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, 0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = bounded(10, 0)
     # stop after this many optimizer steps (0 = run all epochs)
-    max_steps: int = 0
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    grad_accum: int = 1
+    max_steps: int = bounded(0, 0)
+    batch_size: int = bounded(128, 1)
+    eval_batch_size: int = bounded(256, 1)
+    grad_accum: int = bounded(1, 1)
     # no | fp16 | bf16 (Accelerate's mixed precision)
     mixed_precision: str = "no"
     seed: int = 0
-    log_every: int = 20
+    log_every: int = bounded(20, 1)
     # evaluate on val every N steps (0 = at the end of each epoch)
-    eval_every: int = 0
+    eval_every: int = bounded(0, 0)
     # write the 'last' checkpoint every N optimizer steps (0 = only at the end of epochs)
-    checkpoint_every: int = 200
+    checkpoint_every: int = bounded(200, 0)
     # metric that selects the 'best' checkpoint, and whether higher is better
     best_metric: str = ""
     best_mode: str = "max"
@@ -168,7 +173,24 @@ def validate(raw: DictConfig | dict, schema: type) -> DictConfig:
             f"bad value for config key {exc.full_key!r}: {exc.msg.splitlines()[0]}"
         ) from None
     OmegaConf.set_readonly(cfg, False)
+    check_ranges(cfg, schema)
     return cfg
+
+
+def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Every field declared with ``bounded`` holds a value in its range (else a ConfigError naming it)."""
+    for f in dataclasses.fields(schema):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        value = cfg[f.name] if isinstance(cfg, DictConfig) else getattr(cfg, f.name)
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            check_ranges(value, factory, f"{prefix}{f.name}.")
+            continue
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if value is None or (low is None and high is None):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = (f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]")
+            raise ConfigError(f"bad value for config key {prefix + f.name!r}: {value} (it must be {allowed})")
 
 
 def _compose_raw(name: str, overrides: list[str]) -> DictConfig:

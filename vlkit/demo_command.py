@@ -15,7 +15,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class DemoArgs:
     # a saved backbone folder, an open_clip name, or cached:NAME; empty: the index's own backbone when
-    # index= is given, else cached:vlkit-tiny-shapes (trained on first use)
+    # index= is given, else cached:vlkit-tiny-shapes (shipped with vlkit)
     model: str = ""
     pretrained: str | None = None
     # an index written by `vlkit index`; empty: a default one (shapes world test split, coco-mini when

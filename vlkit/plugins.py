@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -66,8 +66,6 @@ class Plugin:
     # report(cfg, task, out_dir, metrics) -> extra metrics: plots and tables, after training and after eval
     report: Callable[..., Any] | None = None
     demo: Callable[..., Any] | None = None
-    # named backbones this plugin can train into a folder (e.g. the retrieval default used by csp/ufo)
-    provides: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

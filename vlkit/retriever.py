@@ -170,6 +170,9 @@ class Retriever:
             raise VlkitError(f"no image files found under {images}")
         report = SkipReport()
         kept, emb = self.embed_images(items, report=report)
+        if items and not kept:
+            raise VlkitError(f"none of the {len(items)} images could be read, so nothing was indexed: "
+                             f"{report.summary()}")
         self.add_vectors("images", emb, *self._select(items, kept, ids, metadata))
         report.log()
         return report

@@ -43,11 +43,14 @@ def build_index(opts: Any) -> tuple[Retriever | None, SkipReport]:
         return None, report
     order = sorted((i, e) for k, em, _ in shards for i, e in zip(k, em))
     report = SkipReport(skipped=[(Path(p), r) for _, _, sk in shards for p, r in sk])
-    if order:
-        positions = [i for i, _ in order]
-        vectors = torch.stack([e for _, e in order])
-        meta = [{"path": str(files[i].resolve())} for i in positions]
-        retriever.add_vectors("images", vectors, ids=positions, metadata=meta)
+    if not order:
+        state.wait_for_everyone()
+        raise VlkitError(f"none of the {len(files)} images under {opts.images} could be read, so no index was "
+                         f"written: {report.summary()}")
+    positions = [i for i, _ in order]
+    vectors = torch.stack([e for _, e in order])
+    meta = [{"path": str(files[i].resolve())} for i in positions]
+    retriever.add_vectors("images", vectors, ids=positions, metadata=meta)
     if opts.captions:
         retriever.add_texts(_captions(opts.captions))
     retriever.save(opts.out)

@@ -1,6 +1,7 @@
 """The retrieval plugin: image-text retrieval trained with ranking/contrastive losses, Recall@K both ways.
 
-It also provides the trained tiny backbone (``cached:vlkit-tiny-shapes``) the csp and ufo defaults use.
+Its default run trains the backbone that vlkit ships as ``cached:vlkit-tiny-shapes`` (the csp, ufo and demo
+default); ``python -m vlkit.backbone.shipped RUN/backbone`` stores a run's backbone as the shipped one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vlkit_retrieval.data import build_data
 def build_task(cfg: DictConfig, backbone, data):
     from vlkit_retrieval.task import RetrievalTask
 
+    check_export_name(cfg)
     return RetrievalTask(backbone, RetrievalConfig(**cfg.retrieval), {"val": data.val, "test": data.test})
 
 
@@ -40,17 +42,28 @@ def after_fit(cfg: DictConfig, task, run_dir: Path, metrics: dict[str, Any], bac
     return out
 
 
-def _train_default_backbone(dest: Path) -> None:
-    """Train the offline default backbone (the plugin's built-in defaults) and save it to ``dest``."""
-    from vlkit.cache import cache_root
-    from vlkit.cli import resolve_config
-    from vlkit.engine.run import train
+def report(cfg: DictConfig, task, out_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``recall.png``: validation Recall@1 both ways against the CPU minutes of training (from eval_log.jsonl)."""
+    from vlkit_retrieval.plots import plot_recall_vs_time
 
-    run_dir = cache_root() / "runs" / dest.name
-    resume = ["resume=true"] if (run_dir / "checkpoints" / "last").exists() else []
-    plugin, cfg = resolve_config(["plugin=retrieval", f"run.dir={run_dir}", f"retrieval.export_as={dest.name}",
-                                  *resume])
-    train(cfg, plugin)
+    log = Path(out_dir) / "eval_log.jsonl"
+    if log.is_file() and plot_recall_vs_time(log, Path(out_dir) / "recall.png"):
+        return {"recall_plot": str(Path(out_dir) / "recall.png")}
+    return {}
+
+
+def check_export_name(cfg: DictConfig) -> None:
+    """``retrieval.export_as`` may not name a backbone shipped with vlkit (those are replaced only on purpose,
+    with ``python -m vlkit.backbone.shipped``); checked before any training."""
+    from vlkit.backbone.shipped import shipped_names
+    from vlkit.errors import VlkitError
+
+    if cfg.retrieval.export_as and cfg.retrieval.export_as in shipped_names():
+        raise VlkitError(
+            f"retrieval.export_as={cfg.retrieval.export_as!r} names a backbone shipped with vlkit; export under "
+            f"another name (the run folder's backbone/ always holds the result; to replace the shipped one: "
+            f"python -m vlkit.backbone.shipped RUN_DIR/backbone --name {cfg.retrieval.export_as})"
+        )
 
 
 plugin = Plugin(
@@ -59,6 +72,6 @@ plugin = Plugin(
     build_data=build_data,
     build_task=build_task,
     after_fit=after_fit,
+    report=report,
     description="bidirectional image-text retrieval (VSE++ hinge / InfoNCE), Recall@K both ways",
-    provides={"vlkit-tiny-shapes": _train_default_backbone},
 )

@@ -14,6 +14,19 @@ class RetrievalConfig:
     max_violation: bool = True
     ranking_weight: float = 1.0
     contrastive_weight: float = 1.0
+    # which (image, caption) pairs of a batch are positives: scene = every image the caption is true of
+    # (shapes worlds: the instances file describes each scene); caption = the same image or the very same
+    # caption text (any COCO-format data). Everything else is a negative of the ranking/contrastive loss.
+    positives: str = "scene"
+    # decode the training images once into memory (uint8) when they take at most this many MiB; 0 = never
+    preload_mb: int = 1024
+    # captions of each image in a batch (all positives of it): more text signal per image encoded
+    captions_per_image: int = 1
+    # add to each batch one caption per image that is false of it (a recoloured / reshaped object, two
+    # objects' colours or places swapped): negatives that only binding and relations tell apart (shapes worlds)
+    hard_negatives: bool = False
+    # start the learned temperature here (logit scale 1/T) when > 0; 0 keeps the backbone's own
+    init_temperature: float = 0.0
     # what is trained: full | lock_image | lock_text | lora (peft adapters on the MLPs of both towers)
     train_mode: str = "full"
     lora_rank: int = 8

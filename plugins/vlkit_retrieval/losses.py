@@ -83,19 +83,21 @@ def contrastive_loss(
     mean of the image-row mean and the text-column mean. With one positive per row this is CLIP's
     loss. Summing the mass (rather than averaging per-positive log-probabilities) means a duplicate
     caption is not pushed below its twin: the two share the mass without penalty.
+    Every image row needs a positive. A text column without one (an extra hard-negative caption) only
+    competes in the image rows; the text-column mean runs over the columns that have a positive.
     """
     _check_inputs(img, txt, pos_mask)
-    for dim, what in ((1, "image row"), (0, "text column")):
-        empty = torch.nonzero(~pos_mask.any(dim=dim)).reshape(-1)
-        if empty.numel():
-            raise ValueError(
-                f"{what}(s) {empty[:10].tolist()} of pos_mask have no positive: the contrastive loss needs "
-                f"one per row and column (positive_mask(image_ids, captions) always marks a pair's own caption)"
-            )
+    empty = torch.nonzero(~pos_mask.any(dim=1)).reshape(-1)
+    if empty.numel():
+        raise ValueError(
+            f"image row(s) {empty[:10].tolist()} of pos_mask have no positive: the contrastive loss needs "
+            f"one per image (positive_mask(image_ids, captions) always marks a pair's own caption)"
+        )
     logits = logit_scale * (img @ txt.T)
     pos_logits = logits.masked_fill(~pos_mask, float("-inf"))
     loss_i2t = torch.logsumexp(logits, dim=1) - torch.logsumexp(pos_logits, dim=1)
-    loss_t2i = torch.logsumexp(logits, dim=0) - torch.logsumexp(pos_logits, dim=0)
+    matched = pos_mask.any(dim=0)
+    loss_t2i = torch.logsumexp(logits[:, matched], dim=0) - torch.logsumexp(pos_logits[:, matched], dim=0)
     return (loss_i2t.mean() + loss_t2i.mean()) / 2
 
 

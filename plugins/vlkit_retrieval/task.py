@@ -3,6 +3,7 @@ both ways over a split's images and all of their captions."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,9 +11,9 @@ from torch import nn
 
 from vlkit.backbone import Backbone
 from vlkit.errors import VlkitError
-from vlkit.metrics.retrieval import Positives, recall_at_k
+from vlkit.metrics.retrieval import Positives, positives_from_index, recall_at_k
 from vlkit_retrieval.config import RetrievalConfig
-from vlkit_retrieval.losses import LOSSES, positive_mask
+from vlkit_retrieval.losses import LOSSES
 
 TRAIN_MODES = ("full", "lock_image", "lock_text", "lora")
 
@@ -59,6 +60,9 @@ class RetrievalTask(nn.Module):
         self.cfg = cfg
         self.eval_sets = eval_sets  # split -> EvalImages (captions live on .source)
         set_trainable(backbone, cfg.train_mode, cfg)
+        if cfg.init_temperature > 0:
+            with torch.no_grad():
+                backbone.model.logit_scale.fill_(math.log(1.0 / cfg.init_temperature))
 
     def loss(self, img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         fn = LOSSES.get(self.cfg.loss)
@@ -74,9 +78,9 @@ class RetrievalTask(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         img = self.backbone.encode_image(batch["image"])
         txt = self.backbone.encode_text(batch["tokens"])
-        pos = positive_mask(batch["image_id"], batch["captions"], device=img.device)
-        with torch.no_grad():
-            hit = ((img @ txt.T).argmax(dim=1) == torch.arange(len(img), device=img.device)).float().mean()
+        pos = batch["pos"].to(img.device)
+        with torch.no_grad():  # the share of images whose best-scoring caption in the batch is a positive
+            hit = pos.gather(1, (img @ txt.T).argmax(dim=1, keepdim=True)).float().mean()
         # clamp like CLIP: a logit scale above 100 makes the contrastive loss unstable
         with torch.no_grad():
             self.backbone.model.logit_scale.clamp_(0, 4.6052)
@@ -104,6 +108,27 @@ class RetrievalTask(nn.Module):
         source = self.eval_sets[split].source
         captions, positives = caption_positives(source.image_captions, len(index))
         text_emb = self.encode_texts(captions).float()
-        metrics = recall_at_k(text_emb @ image_emb.T, positives, ks=tuple(self.cfg.ks))
+        sim = text_emb @ image_emb.T
+        metrics = recall_at_k(sim, positives, ks=tuple(self.cfg.ks))
+        # strict: only the image a caption was written for counts (a shared caption can hit one of them)
+        owner = torch.tensor([k for k, caps in enumerate(source.image_captions[:len(index)]) for _ in caps])
+        strict = recall_at_k(sim, positives_from_index(owner, len(index)), ks=tuple(self.cfg.ks))
+        metrics.update({f"strict_{k}": v for k, v in strict.items()})
+        labels = self.eval_sets[split].zeroshot
+        if labels:
+            metrics["zeroshot_acc"] = self.zero_shot(image_emb, labels)
         metrics.update(n_images=float(len(index)), n_captions=float(len(captions)))
         return metrics
+
+    @torch.no_grad()
+    def zero_shot(self, image_emb: torch.Tensor, labels: dict[int, str]) -> float:
+        """Accuracy (percent) of "a {colour} {shape}" prompts over every colour x shape (48 classes on the
+        shapes world) on the images with one object."""
+        from vlkit.data.shapes import COLORS, SHAPES
+
+        classes = [f"{c} {s}" for c in COLORS for s in SHAPES]
+        prompts = self.encode_texts([("an " if c[0] in "aeiou" else "a ") + c for c in classes]).float()
+        rows = sorted(labels)
+        pred = (image_emb[rows] @ prompts.T).argmax(dim=1)
+        truth = torch.tensor([classes.index(labels[k]) for k in rows])
+        return 100.0 * float((pred == truth).float().mean())

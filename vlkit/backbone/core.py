@@ -199,12 +199,15 @@ class Backbone(nn.Module):
         return transformer_blocks(self.model)
 
     # ---- persistence ----------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write safetensors weights + a JSON config, atomically, so load_backbone(dir) restores it."""
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write safetensors weights + a JSON config, atomically, so load_backbone(dir) restores it.
+        ``dtype`` (e.g. torch.float16) stores floating-point tensors cast to it; loading casts back."""
         from safetensors.torch import save_file
 
         with atomic_directory(directory) as tmp:
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file(state, str(tmp / SAVED_WEIGHTS))
             meta = {
                 "format": "vlkit-backbone", "version": FORMAT_VERSION, "name": self.name,

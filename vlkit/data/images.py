@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from vlkit.errors import DataNotFoundError, VlkitError
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 log = logging.getLogger(__name__)
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) vlkit decodes: VLKIT_MAX_IMAGE_PIXELS, default 50 million (an
+    8000 x 6000 photo). Larger files, decompression bombs among them, are refused as bad images before
+    any pixel is decoded."""
+    value = os.environ.get("VLKIT_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(value) if value else 50_000_000
+    except ValueError:
+        raise VlkitError(f"VLKIT_MAX_IMAGE_PIXELS={value!r} is not a whole number of pixels") from None
 
 
 class ImageLoadError(VlkitError, ValueError):
@@ -30,10 +42,18 @@ def load_image(path: str | Path) -> Image.Image:
     if not p.is_file():
         hint = "it is a directory" if p.is_dir() else "no such file"
         raise ImageLoadError(p, f"{hint}; check the images directory and the file names in the annotations")
+    limit = max_pixels()
     try:
         with Image.open(p) as im:
+            if im.width * im.height > limit:
+                raise ImageLoadError(p, f"{im.width} x {im.height} pixels is over the limit of {limit:,} "
+                                        "(VLKIT_MAX_IMAGE_PIXELS raises it); skipped as a bad image")
             im.load()
             return im.convert("RGB")
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(p, f"refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageLoadError(p, "not an image file (unknown format); replace it or remove it from the "
                                 "annotations, or use on_error='skip'") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -31,7 +32,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "rin
 PATTERNS: tuple[str, ...] = ("solid", "striped", "dotted", "outlined", "checkered")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CZSL_SPLIT_NAME = "compositional-split-natural"
-GENERATOR_VERSION = "shapes-v1"
+GENERATOR_VERSION = "shapes-v2"  # v2: instances carry each object's centre
 BG_MAX = 45
 _SHADE = 0.5  # the pattern's second tone, as a fraction of the object's colour
 _TILT = 0.35  # max rotation (rad) of polygon shapes: enough variety, a cross stays a "+"
@@ -275,28 +276,95 @@ def _shape_counts(objs: list[ObjectSpec]) -> str:
     return _join([f"{_NUM[n]} {s if n == 1 else plural[s]}" for s, n in counts.items() if n])
 
 
-def captions_for(scene: Scene, rng: np.random.Generator, k: int = 5) -> list[str]:
-    """``k`` distinct captions of the scene, drawn from templates in an order set by ``rng``."""
-    objs, size = scene.objects, scene.size
+def _candidates(objs: list[Any], size: int, order: list[int]) -> list[str]:
+    """Every caption template filled in for ``objs`` (anything with .shape, .color, .cx, .cy), with the
+    objects named in ``order`` (the first two are the related pair) for multi-object scenes."""
     name = [_a(f"{o.color} {o.shape}") for o in objs]
     if len(objs) == 1:
         o, d = objs[0], f"{objs[0].color} {objs[0].shape}"
-        cands = [_a(d), f"one {d} on a dark background", f"a single {d} at the {_where(o, size)}",
-                 f"there is one {d} in the image", f"a picture of exactly one shape: {_a(d)}",
-                 f"{_a(o.shape)} that is {o.color}"]
-    else:
-        order = [int(i) for i in rng.permutation(len(objs))]
-        i, j, n = order[0], order[1], len(objs)
-        a, b = objs[i], objs[j]
-        cands = [f"{name[i]} {_relation(a, b)} {name[j]}", f"{name[j]} {_relation(b, a)} {name[i]}",
-                 f"{_NUM[n]} shapes: {_join([name[t] for t in order])}",
-                 f"{_shape_counts(objs)} on a dark background",
-                 _join([f"{name[t]} at the {_where(objs[t], size)}" for t in order]),
-                 f"there are {_NUM[n]} objects, {_join([name[t] for t in order])}"]
-        if n == 3:
-            t = order[2]
-            cands.append(f"{name[i]} {_relation(a, b)} {name[j]}, which is {_relation(b, objs[t])} {name[t]}")
+        return [_a(d), f"one {d} on a dark background", f"a single {d} at the {_where(o, size)}",
+                f"there is one {d} in the image", f"a picture of exactly one shape: {_a(d)}",
+                f"{_a(o.shape)} that is {o.color}"]
+    i, j, n = order[0], order[1], len(objs)
+    a, b = objs[i], objs[j]
+    cands = [f"{name[i]} {_relation(a, b)} {name[j]}", f"{name[j]} {_relation(b, a)} {name[i]}",
+             f"{_NUM[n]} shapes: {_join([name[t] for t in order])}",
+             f"{_shape_counts(objs)} on a dark background",
+             _join([f"{name[t]} at the {_where(objs[t], size)}" for t in order]),
+             f"there are {_NUM[n]} objects, {_join([name[t] for t in order])}"]
+    if n == 3:
+        t = order[2]
+        cands.append(f"{name[i]} {_relation(a, b)} {name[j]}, which is {_relation(b, objs[t])} {name[t]}")
+    return cands
+
+
+def captions_for(scene: Scene, rng: np.random.Generator, k: int = 5) -> list[str]:
+    """``k`` distinct captions of the scene, drawn from templates in an order set by ``rng``."""
+    objs = scene.objects
+    order = [int(i) for i in rng.permutation(len(objs))] if len(objs) > 1 else [0]
+    cands = _candidates(objs, scene.size, order)
     return [cands[int(c)] for c in rng.permutation(len(cands))[:k]]
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """What a caption can say about an object: its shape, colour and centre (pixels)."""
+
+    shape: str
+    color: str
+    cx: float
+    cy: float
+
+
+def true_captions(objects: list[Any], size: int) -> frozenset[str]:
+    """Every caption the generator could write for a scene of these objects (any naming order): the
+    captions that are true of it. ``objects`` need .shape, .color, .cx, .cy (ObjectSpec, SceneObject)."""
+    orders = itertools.permutations(range(len(objects))) if len(objects) > 1 else [(0,)]
+    return frozenset(c for order in orders for c in _candidates(list(objects), size, list(order)))
+
+
+def scene_objects(instances: list[dict[str, Any]]) -> list[SceneObject] | None:
+    """The SceneObjects of one image's instance records (``instances_{split}.json`` of a shapes world),
+    or None when the records do not describe a shapes scene (no colour or centre: another data set)."""
+    out = []
+    for a in instances:
+        if "center" not in a or "color" not in a or not 1 <= a.get("category_id", 0) <= len(SHAPES):
+            return None
+        out.append(SceneObject(SHAPES[a["category_id"] - 1], a["color"], *map(float, a["center"])))
+    return out or None
+
+
+def false_caption(objects: list[Any], size: int, rng: np.random.Generator, tries: int = 8) -> str | None:
+    """A caption of a slightly changed scene that is false of this one: one object recoloured or reshaped,
+    two objects' colours or places swapped (a hard negative that only binding and relations tell apart).
+    None when no change yields a false caption within ``tries``."""
+    objs = list(objects)
+    truths = true_captions(objs, size)
+    colors, shapes = list(COLORS), list(SHAPES)
+    for _ in range(tries):
+        new = [SceneObject(o.shape, o.color, o.cx, o.cy) for o in objs]
+        kind = int(rng.integers(4 if len(objs) > 1 else 2))
+        i = int(rng.integers(len(objs)))
+        if kind == 0:
+            c = colors[int(rng.integers(len(colors) - 1))]
+            c = c if c != new[i].color else colors[-1]
+            new[i] = SceneObject(new[i].shape, c, new[i].cx, new[i].cy)
+        elif kind == 1:
+            sh = shapes[int(rng.integers(len(shapes) - 1))]
+            sh = sh if sh != new[i].shape else shapes[-1]
+            new[i] = SceneObject(sh, new[i].color, new[i].cx, new[i].cy)
+        else:
+            j = (i + 1 + int(rng.integers(len(objs) - 1))) % len(objs)
+            a, b = new[i], new[j]
+            if kind == 2:  # swap colours: the same words, bound the other way
+                new[i], new[j] = SceneObject(a.shape, b.color, a.cx, a.cy), SceneObject(b.shape, a.color, b.cx, b.cy)
+            else:  # swap places: the same objects, other relations
+                new[i], new[j] = SceneObject(a.shape, a.color, b.cx, b.cy), SceneObject(b.shape, b.color, a.cx, a.cy)
+        order = [int(t) for t in rng.permutation(len(new))] if len(new) > 1 else [0]
+        cands = [c for c in _candidates(new, size, order) if c not in truths]
+        if cands:
+            return cands[int(rng.integers(len(cands)))]
+    return None
 
 
 # ---- writers --------------------------------------------------------------------------------------------
@@ -312,7 +380,7 @@ def _render_item(job: tuple[int, str, int, int]) -> tuple[bytes, list[dict[str, 
         objs.append({"category_id": SHAPES.index(o.shape) + 1,
                      "segmentation": {"size": [int(x) for x in rle["size"]], "counts": rle["counts"].decode()},
                      "area": int(mask_utils.area(rle)), "bbox": [float(x) for x in mask_utils.toBbox(rle)],
-                     "iscrowd": 0, "color": o.color, "pattern": o.pattern})
+                     "iscrowd": 0, "color": o.color, "pattern": o.pattern, "center": [o.cx, o.cy]})
     return png_bytes(render_scene(scene)), objs, caps
 
 

@@ -36,6 +36,8 @@ class TrainerState:
     model: str = ""
     signature: dict[str, list[int]] = field(default_factory=dict)  # saved tensor name -> shape
     scheduler: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0           # seconds of training (wall clock, main process) before this point
+    cpu_s: float = 0.0            # CPU seconds of the main process (all its threads) before this point
 
 
 def trainable_state(task: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +103,8 @@ def read_state(path: Path) -> TrainerState:
         raise CheckpointError(f"checkpoint state {str(file)!r} is corrupt: {exc}") from exc
 
 
-def check_compatible(state: TrainerState, task: nn.Module, plugin: str, model: str, source: Path) -> None:
+def check_compatible(state: TrainerState, task: nn.Module | None, plugin: str, model: str, source: Path) -> None:
+    """The checkpoint was written by this plugin on this model (and, given ``task``, fits its tensors)."""
     if state.plugin and state.plugin != plugin:
         raise CheckpointError(
             f"checkpoint {str(source)!r} was written by plugin {state.plugin!r}, not {plugin!r}: "
@@ -112,6 +115,8 @@ def check_compatible(state: TrainerState, task: nn.Module, plugin: str, model: s
             f"checkpoint {str(source)!r} was trained on model {state.model!r}, not {model!r}: "
             f"use model.name={state.model} or another checkpoint"
         )
+    if task is None:
+        return
     own = {k: list(v.shape) for k, v in trainable_state(task).items()}
     for key, shape in state.signature.items():
         if own.get(key) != shape:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,19 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from vlkit.backbone import Backbone, load_backbone
-from vlkit.config import to_yaml
-from vlkit.engine.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from vlkit.config import ConfigError, to_yaml
+from vlkit.engine.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+)
 from vlkit.engine.trainer import Trainer, make_accelerator, write_metrics
 from vlkit.io import atomic_write_text
 from vlkit.plugins import Plugin
 
-# Model names that mean "a trained backbone from the cache" (built by the plugin that provides it).
+# Model names that mean "a named trained backbone": shipped inside vlkit, or exported into vlkit's cache.
 CACHED_PREFIX = "cached:"
 
 
@@ -54,26 +61,46 @@ def build(cfg: DictConfig, plugin: Plugin):
     """Backbone, data and task for a config (seeded, so two builds are identical)."""
     set_seed(cfg.train.seed)
     backbone = load_model(cfg.model)
-    # again: loading may have trained a cached backbone first, which moved every RNG; the task must not
-    # depend on whether the backbone was already in the cache
+    # again: a random-init backbone drew from the RNG; the task and data must not depend on how it was loaded
     set_seed(cfg.train.seed)
     data = plugin.build_data(cfg, backbone)
     task = plugin.build_task(cfg, backbone, data)
     return backbone, data, task
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run folder that cannot be written fails now, before any model or data is built."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={str(run_dir)!r} is an existing file, not a folder: choose another run.dir")
+    ancestor = run_dir
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir={str(run_dir)!r} cannot be created or written ({str(ancestor)!r} is not a "
+                          f"writable folder): choose another run.dir")
+
+
 def train(cfg: DictConfig, plugin: Plugin) -> dict[str, Any]:
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        raise ConfigError("train.epochs=0 with train.max_steps=0 trains nothing: set one of them above 0 "
+                          "(`vlkit eval` evaluates without training)")
     run_dir = run_dir_for(cfg)
+    check_run_dir(run_dir)
     resume = _resume_point(cfg, run_dir)
+    if resume is not None:  # refuse another plugin's or model's checkpoint before anything is built or written
+        state = read_state(resume)
+        check_compatible(state, None, cfg.plugin, cfg.model.name, resume)
     acc = make_accelerator(cfg, run_dir)
-    with acc.main_process_first():  # one process generates data / trains a default backbone
+    with acc.main_process_first():  # one process generates data
         backbone, data, task = build(cfg, plugin)
-    if acc.is_main_process:
+    if acc.is_main_process and resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     acc.print(f"run folder: {run_dir}")
     trainer = Trainer(cfg, task, data, run_dir, acc)
     trainer.fit(resume)
+    if acc.is_main_process and resume is not None:  # the checkpoint was accepted: record the config now
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     metrics = _final_eval(trainer, data)
     if acc.is_main_process:
         task = acc.unwrap_model(trainer.task)

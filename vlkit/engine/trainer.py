@@ -85,7 +85,17 @@ class Trainer:
         self.task = task
         self.state = TrainerState(plugin=cfg.plugin, model=cfg.model.name)
         self.log_path = self.run_dir / "train_log.jsonl"
+        # one line per validation: step, training time so far (wall and CPU seconds) and the metrics
+        self.eval_log_path = self.run_dir / "eval_log.jsonl"
         self._evaluated_at = -1
+        self._clock = (time.perf_counter(), time.process_time())
+
+    def _tick(self) -> None:
+        """Add the time since the last tick to the state's training clocks (evaluation time excluded)."""
+        now = (time.perf_counter(), time.process_time())
+        self.state.wall_s += now[0] - self._clock[0]
+        self.state.cpu_s += now[1] - self._clock[1]
+        self._clock = now
 
     # ---- data ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
@@ -118,7 +128,8 @@ class Trainer:
             self.state = load_checkpoint(resume_from, self.acc.unwrap_model(self.task), optimizer,
                                          cfg.plugin, cfg.model.name, rank=self.acc.process_index)
             scheduler.load_state_dict(self.state.scheduler)
-            self._truncate_log(self.state.step)
+            self._truncate_log(self.log_path, self.state.step)
+            self._truncate_log(self.eval_log_path, self.state.step)
             self.acc.print(f"resumed from {resume_from} at step {self.state.step}")
         if cfg.train.tracker not in ("", "none"):
             self.acc.init_trackers(cfg.plugin)
@@ -133,6 +144,7 @@ class Trainer:
         bar = tqdm(total=total, initial=st.step, disable=not (cfg.train.progress and self.acc.is_main_process),
                    desc=f"train {cfg.plugin}", dynamic_ncols=True)
         t0, seen = time.perf_counter(), 0
+        self._clock = (t0, time.process_time())
         while st.step < total:
             train_dl.set_epoch(st.epoch)
             loader = self.acc.skip_first_batches(train_dl, st.batch_in_epoch) if st.batch_in_epoch else train_dl
@@ -176,9 +188,12 @@ class Trainer:
         packed = self.acc.reduce(packed, reduction="sum")
         mean_loss = float(packed[0]) / self.acc.num_processes
         if not math.isfinite(mean_loss):
+            last = self.run_dir / "checkpoints" / "last"
+            kept = (f"the last good checkpoint {last} is kept" if last.is_dir()
+                    else "no checkpoint had been written yet")
             raise TrainingError(
-                f"the loss became {mean_loss} at step {self.state.step}; stopped without saving, so the last "
-                f"good checkpoint in {self.run_dir / 'checkpoints'} is kept. Lower optim.lr or check the data."
+                f"the loss became {mean_loss} at step {self.state.step}; stopped without saving ({kept}). "
+                f"Lower optim.lr or check the data."
             )
         lr = optimizer.param_groups[0]["lr"]
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss, "lr": lr, **logs}
@@ -204,8 +219,15 @@ class Trainer:
         """Evaluate on val (when there is one), then save 'last' and, if it improved, 'best'."""
         improved = False
         self._evaluated_at = self.state.step
+        self._tick()
         if self.data.val is not None and self.cfg.train.best_metric:
             metrics = self.evaluate("val")
+            self._clock = (time.perf_counter(), time.process_time())  # evaluation is not training time
+            if self.acc.is_main_process:
+                record = {"step": self.state.step, "wall_s": round(self.state.wall_s, 2),
+                          "cpu_s": round(self.state.cpu_s, 2), **metrics}
+                with open(self.eval_log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             value = metrics.get(self.cfg.train.best_metric)
             if value is None:
                 raise TrainingError(
@@ -219,9 +241,11 @@ class Trainer:
         self.save(optimizer, scheduler, "last")
         if improved:
             self.save(None, scheduler, "best")
+        self._clock = (time.perf_counter(), time.process_time())  # evaluating and saving are not training
 
     def save(self, optimizer, scheduler, name: str) -> None:
         path = self.run_dir / "checkpoints" / name
+        self._tick()
         self.state.scheduler = scheduler.state_dict() if scheduler is not None else {}
         save_rng(path, self.acc.process_index)
         self.acc.wait_for_everyone()
@@ -230,12 +254,12 @@ class Trainer:
                             world=self.acc.num_processes)
         self.acc.wait_for_everyone()
 
-    def _truncate_log(self, step: int) -> None:
+    def _truncate_log(self, path: Path, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-        if not self.acc.is_main_process or not self.log_path.is_file():
+        if not self.acc.is_main_process or not path.is_file():
             return
-        lines = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        self.log_path.write_text("".join(ln + "\n" for ln in lines))
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
