@@ -107,3 +107,19 @@ def test_console_script_lists_plugins_from_another_directory(tmp_path):
     exe = sys.executable.replace("python", "vlkit")
     out = subprocess.run([exe, "plugins"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in out.splitlines()][:3] == ["csp", "retrieval", "ufo"]
+
+
+def test_public_api_is_lazy_and_the_version_is_one_string():
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    import vlkit
+
+    code = ("import sys, vlkit; assert 'torch' not in sys.modules, 'import vlkit pulled in torch'; "
+            "bb = vlkit.load_backbone('vlkit-tiny-test'); assert bb.name == 'vlkit-tiny-test'; "
+            "assert vlkit.Retriever.__name__ == 'Retriever' and vlkit.load_plugin('csp').name == 'csp'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert metadata.version("vlkit") == vlkit.__version__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vlkit.nope  # noqa: B018
