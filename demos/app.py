@@ -182,13 +182,21 @@ def _guarded(fn: Callable[..., tuple], empty: Callable[[], tuple]) -> Callable[.
     return wrapper
 
 
-def _gallery(hits: Sequence[Hit]) -> tuple[list[tuple[str, str]], int]:
+GALLERY_SIDE = 256
+
+
+def _gallery(hits: Sequence[Hit]) -> tuple[list[tuple[Image.Image, str]], int]:
+    """Decoded thumbnails of the hits: the page gets copies of the pixels, never a path the server would
+    then serve, so an index whose metadata names another file (``/etc/passwd``) exposes nothing."""
     items, missing = [], 0
     for h in hits:
         path = (h.metadata or {}).get("path")
-        if path and Path(path).is_file():
-            items.append((path, f"{h.score:.3f} · {Path(path).name}"))
-        else:  # the index outlived its files: say so rather than show a broken tile
+        try:
+            if not path:
+                raise DemoInputError("no path")
+            thumb, _ = open_image(path, GALLERY_SIDE)
+            items.append((thumb, f"{h.score:.3f} · {Path(path).name}"))
+        except (DemoInputError, OSError):  # gone, unreadable or not an image: say so, show no broken tile
             missing += 1
     return items, missing
 
@@ -241,7 +249,8 @@ class Handlers:
 
     @staticmethod
     def _status(text: str, missing: int) -> str:
-        return text + (f"; {missing} indexed files no longer exist and were left out" if missing else "")
+        return text + (f"; {missing} indexed files no longer exist (or are not images) and were left out"
+                       if missing else "")
 
     @torch.no_grad()
     def segment(self, image: str | None, query: str, threshold: float) -> tuple[Image.Image, list[list], str]:
@@ -258,8 +267,9 @@ class Handlers:
 
 # ---- the page -------------------------------------------------------------------------------------
 class DemoBlocks(gr.Blocks):
-    """gr.Blocks whose launch() defaults to the demo's safe settings: bound to 127.0.0.1, serving files
-    only from the index's image folders and the example folders, uploads capped, system fonts."""
+    """gr.Blocks whose launch() defaults to the demo's safe settings: bound to 127.0.0.1, serving files only
+    from the example images' folders (search results are sent as decoded thumbnails), answering only requests
+    whose Host header names this machine (no DNS rebinding), uploads capped, system fonts."""
 
     def __init__(self, allowed_paths: Sequence[str | Path], **kwargs: Any) -> None:
         if not _GRADIO_6:
@@ -267,23 +277,25 @@ class DemoBlocks(gr.Blocks):
         super().__init__(**kwargs)
         self.demo_allowed_paths = sorted({str(Path(p).resolve()) for p in allowed_paths})
 
-    def launch(self, *args: Any, **kwargs: Any) -> Any:
+    def launch(self, *args: Any, allowed_hosts: Sequence[str] = (), **kwargs: Any) -> Any:
+        """``allowed_hosts``: Host names accepted besides 127.0.0.1 and localhost (and the bound address);
+        a server bound to every interface (0.0.0.0, ::) accepts any Host."""
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
         kwargs.setdefault("server_name", "127.0.0.1")
+        bound = str(kwargs["server_name"])
+        hosts = ["*"] if bound in ("0.0.0.0", "::", "") else sorted({"127.0.0.1", "localhost", bound, *allowed_hosts})
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
+                                    Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
+        kwargs["app_kwargs"] = app_kwargs
         kwargs.setdefault("allowed_paths", list(self.demo_allowed_paths))
         kwargs.setdefault("max_file_size", MAX_UPLOAD)
         if _GRADIO_6:
             kwargs.setdefault("theme", _THEME)
             kwargs.setdefault("css", _CSS)
         return super().launch(*args, **kwargs)
-
-
-def index_image_dirs(retriever: Retriever | None) -> list[Path]:
-    """The folders that hold the indexed images (the only index files the server may serve)."""
-    if retriever is None or "images" not in retriever.indexes:
-        return []
-    index = retriever.indexes["images"]
-    paths = ((index._metadata_at(i) or {}).get("path") for i in range(len(index)))  # no public iterator
-    return sorted({Path(p).resolve().parent for p in paths if p})
 
 
 def _search_tab(h: Handlers, k: int, queries: Sequence[str], images: Sequence[str]) -> None:
@@ -301,7 +313,7 @@ def _search_tab(h: Handlers, k: int, queries: Sequence[str], images: Sequence[st
         with gr.Column(scale=3):
             status = gr.Markdown("Type a query or upload an image.", label="Status", elem_id="search-status")
             gallery = gr.Gallery(label="Results", columns=4, object_fit="contain", elem_id="search-results",
-                                 height="auto")
+                                 height="auto", format="png")  # lossless copies of the thumbnails
             captions = gr.Dataframe(headers=["score", "caption"], label="Captions", elem_id="caption-results",
                                     interactive=False, wrap=True)
     if queries:
@@ -361,7 +373,7 @@ def build_app(retriever: Retriever | None, segmenter_or_backbone: Any = None, *,
         seg_error = "No segmentation model was given."
     handlers = Handlers(retriever, tool, index_error, seg_error)
     images = [str(Path(p).resolve()) for p, _ in examples]
-    allowed = [*index_image_dirs(retriever), *{Path(p).parent for p in images}]
+    allowed = sorted({Path(p).parent for p in images})  # the example images; results go out as thumbnails
     with DemoBlocks(allowed, title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## {title}\nSearch an image index by text or by image, and segment any image by a "
                     "free-text query, with one shared CLIP backbone.")

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
@@ -52,9 +53,10 @@ def test_search_text_returns_index_files_with_scores(demo):
     scores = []
     for item in gallery:
         score, name = SCORED.match(item["caption"]).groups()
-        original = tiny.images / name  # the file the index points at, served through Gradio's cache
-        assert original.is_file() and Path(item["image"]).name == name
-        assert Path(item["image"]).read_bytes() == original.read_bytes()
+        original = tiny.images / name  # the file the index points at, sent as a decoded (lossless) copy
+        assert original.is_file()
+        with Image.open(item["image"]) as shown, Image.open(original) as src:
+            assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(src.convert("RGB")))
         scores.append(float(score))
     assert scores == sorted(scores, reverse=True)
 
@@ -162,3 +164,28 @@ def test_demo_command_is_registered_and_checks_its_keys(capsys):
     assert "port=0 is not a TCP port" in capsys.readouterr().err
     assert main(["demo", "prot=7860"]) == 2  # a typo is named before anything loads
     assert "prot" in capsys.readouterr().err
+
+
+def test_a_crafted_index_exposes_no_other_file_and_foreign_hosts_are_refused(demo, tmp_path):
+    import urllib.request
+
+    tiny, _, _, url = demo
+    retriever = Retriever.load(tiny.index, progress=False)
+    bogus = retriever.embed_texts(["a red circle"])  # the best match for that query, pointing at other files
+    retriever.add_vectors("images", torch.cat([bogus, bogus]), metadata=[{"path": "/etc/passwd"},
+                                                                         {"path": str(tiny.captions)}])
+    app = build_app(retriever, retriever.backbone, examples=tiny.examples)
+    crafted = serve(app)
+    try:
+        gallery, status = Client(crafted, verbose=False).predict("a red circle", 5, api_name="/search_text")
+        assert "2 indexed files no longer exist (or are not images)" in status
+        assert all(SCORED.match(item["caption"]).group(2) not in ("passwd", tiny.captions.name) for item in gallery)
+        for other in ("/etc/passwd", tiny.captions):
+            assert _status_code(f"{crafted}gradio_api/file={other}") == 403
+    finally:
+        app.close()
+    request = urllib.request.Request(url, headers={"Host": "attacker.example:7860"})
+    with pytest.raises(urllib.error.HTTPError) as err:  # a DNS-rebinding page names its own host
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400
+    assert _status_code(url.replace("127.0.0.1", "localhost")) == 200

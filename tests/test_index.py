@@ -126,6 +126,26 @@ def test_missing_and_corrupt_directories(filled, tmp_path):
         VectorIndex.load(tmp_path / "idx")
 
 
+@pytest.mark.parametrize("name", ["index.faiss", "ids.npy", "metadata.jsonl"])
+def test_same_size_corruption_of_any_index_file_is_caught_by_its_checksum(filled, tmp_path, name):
+    index, _, _ = filled
+    index.save(tmp_path / "idx")
+    path = tmp_path / "idx" / name
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # one flipped bit near the end: a vector's value, an id, or a metadata character
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFormatError, match=f"{name} does not match the checksum in manifest.json"):
+        VectorIndex.load(tmp_path / "idx")
+    # an index saved before checksums existed still loads (its sizes are still checked)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest.pop("sha256")
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    path.write_bytes(bytes(data))
+    if name == "metadata.jsonl":
+        return  # a flipped character may make the JSON unreadable: that is reported by its own check
+    VectorIndex.load(tmp_path / "idx")
+
+
 def _assert_is_original(path, index, q) -> None:
     loaded = VectorIndex.load(path)
     assert len(loaded) == len(index)

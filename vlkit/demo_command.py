@@ -27,6 +27,9 @@ class DemoArgs:
     # the shared copy when present
     coco: str = ""
     host: str = "127.0.0.1"
+    # Host header names the server answers besides 127.0.0.1, localhost and host (comma-separated), e.g. a
+    # reverse proxy's name; requests naming any other host are refused (DNS rebinding)
+    allowed_hosts: str = ""
     port: int = 7860
     # a public *.gradio.live link (needs internet; anyone with the link can use the demo)
     share: bool = False
@@ -51,7 +54,8 @@ def _demo(args: list[str]) -> int:
     if opts.share:
         print("vlkit demo: share=true makes a public link; anyone who has it can use the demo", file=sys.stderr)
     try:
-        app.launch(server_name=opts.host, server_port=opts.port, share=opts.share)
+        hosts = [h.strip() for h in opts.allowed_hosts.split(",") if h.strip()]
+        app.launch(server_name=opts.host, server_port=opts.port, share=opts.share, allowed_hosts=hosts)
     except OSError as exc:  # Gradio's message for a busy port names a range; say what to do instead
         raise VlkitError(f"cannot serve on {opts.host}:{opts.port} ({exc}); pick another port=...") from exc
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -54,13 +55,16 @@ def write_index_dir(
             _flush(f)
         if metadata is not None:
             _write_metadata(root / METADATA_FILE, metadata, ids)
+        digests: dict[str, str] = {}
         for name in (INDEX_FILE, IDS_FILE, METADATA_FILE):
             if (root / name).exists():
                 files[name] = (root / name).stat().st_size
+                digests[name] = _sha256(root / name)
         manifest = {
             "format_version": FORMAT_VERSION,
             **header,
             "files": files,
+            "sha256": digests,
             "faiss_version": faiss.__version__,
         }
         with open(root / MANIFEST, "w", encoding="utf-8") as f:
@@ -187,6 +191,21 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> None:
             raise IndexFormatError(
                 f"index at {root} is corrupt: {name} is {p.stat().st_size} bytes, the manifest says {size}; {_REBUILD}"
             )
+    # indexes saved before checksums were recorded have none: their sizes were checked above
+    for name, digest in manifest.get("sha256", {}).items():
+        if name in manifest["files"] and _sha256(root / name) != digest:
+            raise IndexFormatError(
+                f"index at {root} is corrupt: {name} does not match the checksum in {MANIFEST} (changed or "
+                f"damaged on disk); {_REBUILD}"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_ids(path: Path, count: int) -> np.ndarray:
