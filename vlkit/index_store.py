@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -14,7 +13,7 @@ import numpy as np
 
 from vlkit.errors import VlkitError
 from vlkit.index_faiss import _faiss_msg
-from vlkit.io import atomic_directory, fsync_path
+from vlkit.io import atomic_directory, fsync_path, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -59,7 +58,7 @@ def write_index_dir(
         for name in (INDEX_FILE, IDS_FILE, METADATA_FILE):
             if (root / name).exists():
                 files[name] = (root / name).stat().st_size
-                digests[name] = _sha256(root / name)
+                digests[name] = sha256_file(root / name)
         manifest = {
             "format_version": FORMAT_VERSION,
             **header,
@@ -193,19 +192,11 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> None:
             )
     # indexes saved before checksums were recorded have none: their sizes were checked above
     for name, digest in manifest.get("sha256", {}).items():
-        if name in manifest["files"] and _sha256(root / name) != digest:
+        if name in manifest["files"] and sha256_file(root / name) != digest:
             raise IndexFormatError(
                 f"index at {root} is corrupt: {name} does not match the checksum in {MANIFEST} (changed or "
                 f"damaged on disk); {_REBUILD}"
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_ids(path: Path, count: int) -> np.ndarray:

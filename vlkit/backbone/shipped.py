@@ -13,7 +13,6 @@ and records the hash, the tolerance measured and the run's metrics in the manife
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from vlkit.backbone.core import SAVED_WEIGHTS, Backbone, BackboneError, load_backbone
-from vlkit.io import atomic_write_json
+from vlkit.io import atomic_write_json, sha256_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "shipped.json"
@@ -30,12 +29,7 @@ FP16_MIN_COSINE = 0.9995
 MAX_BYTES = 20 * 2**20
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file
 
 
 def manifest(root: Path = WEIGHTS_DIR) -> dict[str, dict[str, Any]]:
