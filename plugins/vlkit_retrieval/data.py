@@ -108,18 +108,27 @@ class DecodedImages:
 
 
 class RandomCaption(Dataset):
-    """One item per image with ``per_image`` of its captions (distinct while it has enough), drawn with
-    torch's RNG, so a resumed run replays them. With ``scenes`` and ``negatives``, each item also carries a
-    caption false of its image (a hard negative)."""
+    """One item per image with ``per_image`` of its captions (distinct while it has enough), drawn from a
+    generator keyed by (seed, epoch, index): not from the global RNG, which the loader's look-ahead would
+    advance before a checkpoint, so a resumed run replays every draw. With ``scenes`` and ``negatives``, each
+    item also carries a caption false of its image (a hard negative). The engine calls ``set_epoch``."""
 
     def __init__(self, source: CocoCaptions, scenes: Scenes | None = None, negatives: bool = False,
-                 per_image: int = 1, decoded: DecodedImages | None = None) -> None:
+                 per_image: int = 1, decoded: DecodedImages | None = None, seed: int = 0) -> None:
         if per_image < 1:
             raise VlkitError(f"retrieval.captions_per_image={per_image}: use 1 or more")
         self.source, self.scenes, self.negatives = source, scenes, negatives and scenes is not None
         self.per_image = per_image
         self.decoded = decoded if decoded is not None and decoded.ok else None
+        self.seed, self.epoch = seed, 0
         self.with_captions = [i for i, caps in enumerate(source.image_captions) if caps]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _generator(self, index: int) -> torch.Generator:
+        key = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
 
     def __len__(self) -> int:
         return len(self.with_captions)
@@ -127,14 +136,16 @@ class RandomCaption(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         k = self.with_captions[index]
         caps = self.source.image_captions[k]
+        g = self._generator(index)
         if self.per_image == 1:
-            picks = [int(torch.randint(len(caps), ()))]
+            picks = [int(torch.randint(len(caps), (), generator=g))]
         else:
-            picks = [int(j) % len(caps) for j in torch.randperm(max(len(caps), self.per_image))[:self.per_image]]
+            order = torch.randperm(max(len(caps), self.per_image), generator=g)
+            picks = [int(j) % len(caps) for j in order[:self.per_image]]
         image = self.decoded.tensor(k) if self.decoded is not None else self.source.load(k)
         item = {"image": image, "captions": [caps[j] for j in picks], "image_id": self.source.image_ids[k]}
         if self.negatives:
-            item["negative"] = self.scenes.negative(item["image_id"], int(torch.randint(2**31 - 1, ())))
+            item["negative"] = self.scenes.negative(item["image_id"], int(torch.randint(2**31 - 1, (), generator=g)))
         return item
 
 
@@ -205,7 +216,8 @@ def build_data(cfg: DictConfig, backbone: Backbone) -> DataBundle:
         side = size if isinstance(size, int) else size[0]
         if len(sets["train"]) * side * side * 3 <= rc.preload_mb * 2**20:
             decoded = DecodedImages(sets["train"], backbone.preprocess, progress=cfg.train.progress)
-    train: Dataset = RandomCaption(sets["train"], train_scenes, rc.hard_negatives, rc.captions_per_image, decoded)
+    train: Dataset = RandomCaption(sets["train"], train_scenes, rc.hard_negatives, rc.captions_per_image, decoded,
+                                   seed=cfg.train.seed)
     if cfg.data.limit_train:
         train = Subset(train, range(min(cfg.data.limit_train, len(train))))
 

@@ -147,6 +147,7 @@ class Trainer:
         self._clock = (t0, time.process_time())
         while st.step < total:
             train_dl.set_epoch(st.epoch)
+            set_dataset_epoch(self.data.train, st.epoch)
             loader = self.acc.skip_first_batches(train_dl, st.batch_in_epoch) if st.batch_in_epoch else train_dl
             for batch in loader:
                 loss, logs = self._micro_step(batch, optimizer)
@@ -278,6 +279,17 @@ class Trainer:
         model.train(was_training)
         merged = {k: torch.cat(v) for k, v in outputs.items()}
         return model.compute_metrics(merged, split)
+
+
+def set_dataset_epoch(dataset: Any, epoch: int) -> None:
+    """Tell a training dataset (or the one a Subset wraps) which epoch starts, when it wants to know: a
+    dataset that draws per item from a generator keyed by (seed, epoch, index) is then independent of the
+    loader's prefetching and of skipped batches, so a resume mid-epoch replays it exactly."""
+    while dataset is not None:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)
 
 
 def _batch_len(batch: Any) -> int:
