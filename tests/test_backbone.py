@@ -133,3 +133,16 @@ def test_tokenizer_and_preprocess(bb):
     assert tokens.shape == (1, bb.context_length) and tokens[0, 0] == 49406
     x = bb.preprocess(Image.new("RGB", (100, 60), (255, 0, 0)))
     assert x.shape == (3, bb.image_size, bb.image_size)
+
+
+def test_damaged_saved_backbone_files_are_clear_errors(tmp_path):
+    folder = load_backbone("vlkit-tiny-test").save(tmp_path / "bb")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(BackboneError, match="truncated or damaged"):
+        load_backbone(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+    meta = (folder / "vlkit_backbone.json").read_text()
+    (folder / "vlkit_backbone.json").write_text(meta[: len(meta) // 2])
+    with pytest.raises(BackboneError, match="vlkit_backbone.json is damaged"):
+        load_backbone(folder)

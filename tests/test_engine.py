@@ -137,3 +137,19 @@ def test_nothing_to_train_and_unwritable_run_dir_fail_before_building(tmp_path, 
         _run(tmp_path, "afile")
     with pytest.raises(ConfigError, match="cannot be created or written"):
         _run(tmp_path, "afile/sub")
+
+
+def test_damaged_optimizer_state_is_a_clear_error_and_runs_nothing(tmp_path, toy_plugin):
+    import pickle
+
+    _run(tmp_path, "r", "train.epochs=1")
+    optim = tmp_path / "r" / "checkpoints" / "last" / "optimizer.pt"
+
+    class Boom:  # a pickle that would run code if it were unpickled without weights_only
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    optim.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError, match="optimizer.pt' cannot be read as an optimizer state"):
+        _run(tmp_path, "r", "train.epochs=2", "resume=true")
+    assert not (tmp_path / "pwned").exists()

@@ -263,3 +263,15 @@ def test_resume_mid_epoch_replays_the_caption_draws_exactly(world, tmp_path):
     assert len(logs["whole"]) == 10 and logs["cut"] == logs["whole"]
     a, b = (load_backbone(tmp_path / n / "backbone") for n in ("whole", "cut"))
     assert a.identity == b.identity
+
+
+def test_a_damaged_retriever_manifest_is_a_clear_error(world, tiny_dir, tmp_path):
+    r = Retriever(load_backbone(tiny_dir), num_workers=0, progress=False)
+    r.add_images(world / "images" / "val")
+    r.save(tmp_path / "idx")
+    manifest = tmp_path / "idx" / "retriever.json"
+    text = manifest.read_text()
+    for damaged in (text[: len(text) // 2], "{}", "[1, 2]"):
+        manifest.write_text(damaged)
+        with pytest.raises(VlkitError, match="retriever.json is damaged"):
+            Retriever.load(tmp_path / "idx")

@@ -239,7 +239,14 @@ class Retriever:
         directory = Path(directory)
         if not (directory / MANIFEST).is_file():
             raise VlkitError(f"{directory} is not a vlkit index (no {MANIFEST}); build one with `vlkit index`")
-        manifest = json.loads((directory / MANIFEST).read_text())
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+            missing = [k for k in ("backbone", "backbone_source", "embed_dim", "kind", "targets") if k not in manifest]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise VlkitError(f"{directory / MANIFEST} is damaged ({type(exc).__name__}: {exc}); rebuild the index "
+                             f"with `vlkit index images=... out={directory}`") from None
         if backbone is None:
             backbone = load_backbone(manifest["backbone_source"])
         if backbone.identity != manifest["backbone"]:

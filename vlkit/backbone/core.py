@@ -66,9 +66,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BackboneError(f"{str(path)!r} is not a readable safetensors file ({exc}): it is truncated or "
+                                f"damaged; save or download it again") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -223,7 +228,12 @@ def is_saved_backbone(path: str | Path) -> bool:
 
 
 def _load_saved(directory: Path) -> Backbone:
-    meta = json.loads((directory / SAVED_CONFIG).read_text())
+    try:
+        meta = json.loads((directory / SAVED_CONFIG).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "name" not in meta:
+            raise ValueError("no config or name")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise BackboneError(f"{directory / SAVED_CONFIG} is damaged ({exc}): save the backbone again") from None
     if meta.get("format") != "vlkit-backbone" or meta.get("version", 0) > FORMAT_VERSION:
         raise BackboneError(f"{str(directory)!r} is not a vlkit backbone folder this version can read")
     model = _build_model(meta["config"])

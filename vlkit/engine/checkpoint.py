@@ -140,7 +140,13 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer: torch.optim.Optimize
     if missing.unexpected_keys:
         raise CheckpointError(f"checkpoint {str(path)!r} has tensors this task lacks: {missing.unexpected_keys[:3]}")
     if optimizer is not None and (path / OPTIM_FILE).is_file():
-        optimizer.load_state_dict(torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True))
+        try:
+            optim_state = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses pickled code; a truncated file fails to unzip
+            raise CheckpointError(
+                f"{str(path / OPTIM_FILE)!r} cannot be read as an optimizer state ({type(exc).__name__}); it is "
+                f"damaged or not one vlkit wrote (nothing in it was run). Resume from another checkpoint") from None
+        optimizer.load_state_dict(optim_state)
     rng_file = path / f"rng_{rank}.safetensors"
     if restore_rng and rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)))
