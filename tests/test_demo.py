@@ -189,3 +189,17 @@ def test_a_crafted_index_exposes_no_other_file_and_foreign_hosts_are_refused(dem
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 400
     assert _status_code(url.replace("127.0.0.1", "localhost")) == 200
+
+
+def test_the_demo_binds_to_localhost_by_default():
+    from vlkit.demo_command import DemoArgs
+    from vlkit.demos.testing import free_port
+
+    assert DemoArgs().host == "127.0.0.1"
+    app = build_app(None, None, index_error="no index in this test")
+    app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)  # no server_name given
+    try:
+        assert app.server_name == "127.0.0.1"
+        assert _status_code(f"http://127.0.0.1:{app.server_port}/") == 200
+    finally:
+        app.close()
