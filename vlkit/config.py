@@ -19,9 +19,9 @@ class ConfigError(VlkitError, ValueError):
     """A bad configuration key or value; raised before any work starts."""
 
 
-def bounded(default: Any, low: float | None = None, high: float | None = None) -> Any:
-    """A schema field with an allowed range, checked by ``validate`` before any work starts."""
-    return field(default=default, metadata={"low": low, "high": high})
+def bounded(default: Any, low: float) -> Any:
+    """A schema field with a lowest allowed value, checked by ``validate`` before any work starts."""
+    return field(default=default, metadata={"low": low})
 
 
 @dataclass
@@ -178,19 +178,16 @@ def validate(raw: DictConfig | dict, schema: type) -> DictConfig:
 
 
 def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
-    """Every field declared with ``bounded`` holds a value in its range (else a ConfigError naming it)."""
+    """Every field declared with ``bounded`` holds a value at or above its lowest (else a ConfigError naming it)."""
     for f in dataclasses.fields(schema):
         factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         value = cfg[f.name] if isinstance(cfg, DictConfig) else getattr(cfg, f.name)
         if isinstance(factory, type) and dataclasses.is_dataclass(factory):
             check_ranges(value, factory, f"{prefix}{f.name}.")
             continue
-        low, high = f.metadata.get("low"), f.metadata.get("high")
-        if value is None or (low is None and high is None):
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            allowed = (f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]")
-            raise ConfigError(f"bad value for config key {prefix + f.name!r}: {value} (it must be {allowed})")
+        low = f.metadata.get("low")
+        if low is not None and value is not None and value < low:
+            raise ConfigError(f"bad value for config key {prefix + f.name!r}: {value} (it must be >= {low})")
 
 
 def _compose_raw(name: str, overrides: list[str]) -> DictConfig:

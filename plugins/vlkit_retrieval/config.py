@@ -16,8 +16,9 @@ class RetrievalConfig:
     contrastive_weight: float = 1.0
     # which (image, caption) pairs of a batch are positives: scene = every image the caption is true of
     # (shapes worlds: the instances file describes each scene); caption = the same image or the very same
-    # caption text (any COCO-format data). Everything else is a negative of the ranking/contrastive loss.
-    positives: str = "scene"
+    # caption text (any COCO-format data); auto = scene when the data describe scenes, else caption.
+    # Everything else is a negative of the ranking/contrastive loss.
+    positives: str = "auto"
     # decode the training images once into memory (uint8) when they take at most this many MiB; 0 = never
     preload_mb: int = 1024
     # captions of each image in a batch (all positives of it): more text signal per image encoded

@@ -74,8 +74,8 @@ class Scenes:
 class DecodedImages:
     """A split's images decoded once into one uint8 array [N, H, W, 3] (the preprocessing up to the tensor
     conversion applied), so an epoch costs no PNG decoding; ``tensor(k)`` finishes the preprocessing with
-    the same operations the transform would run (checked on the first image: otherwise ``load`` returns
-    None and the caller decodes as usual)."""
+    the same operations the transform would run (checked on the first image: otherwise ``ok`` is False and
+    the caller decodes as usual)."""
 
     def __init__(self, source: CocoCaptions, transform: Any, progress: bool = True) -> None:
         from tqdm.auto import tqdm
@@ -235,8 +235,8 @@ def build_data(cfg: DictConfig, backbone: Backbone) -> DataBundle:
             # extra columns: the hard negatives (a positive only of an image they happen to be true of)
             captions = captions + [it["negative"] for it in items if it.get("negative")]
             truth = torch.tensor([[c in train_scenes.truths(i) for c in captions] for i in ids])
+            # [B images, B*k (+ negatives) captions]: caption j is true of image i
             pos = truth | torch.nn.functional.pad(pos, (0, len(captions) - pos.shape[1]))
-            batch["pos"] = pos  # [B images, B*k (+ negatives) captions]: caption j is true of image i
         batch.update(tokens=backbone.tokenize(captions), captions=captions, image_id=torch.tensor(ids), pos=pos)
         return batch
 

@@ -8,12 +8,11 @@ from pathlib import Path
 CURVES = (("t2i_R@1", "text -> image R@1"), ("i2t_R@1", "image -> text R@1"), ("zeroshot_acc", "48-way zero-shot"))
 
 
-def plot_recall_vs_time(eval_logs: Path | dict[str, Path], out_png: Path, title: str = "") -> bool:
-    """Plot validation R@1 (both ways) and zero-shot accuracy against CPU minutes of training, one line
-    style per run when ``eval_logs`` maps labels to several runs' ``eval_log.jsonl``. False when empty."""
-    runs = eval_logs if isinstance(eval_logs, dict) else {"": eval_logs}
-    rows = {label: [json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()] for label, p in runs.items()}
-    if not any(rows.values()):
+def plot_recall_vs_time(eval_log: Path, out_png: Path) -> bool:
+    """Plot validation R@1 (both ways) and zero-shot accuracy from a run's ``eval_log.jsonl`` against the CPU
+    minutes of training. False when the log is empty."""
+    recs = [json.loads(x) for x in Path(eval_log).read_text().splitlines() if x.strip()]
+    if not recs:
         return False
     import matplotlib
 
@@ -21,20 +20,15 @@ def plot_recall_vs_time(eval_logs: Path | dict[str, Path], out_png: Path, title:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    styles = ["-", "--", ":", "-."]
-    for (label, recs), ls in zip(rows.items(), styles * 4):
-        minutes = [r["cpu_s"] / 60 for r in recs]
-        for (key, name), color in zip(CURVES, ("C0", "C1", "C2")):
-            if all(key in r for r in recs):
-                ax.plot(minutes, [r[key] for r in recs], ls, color=color, marker=".",
-                        label=f"{name} {label}".strip())
+    minutes = [r["cpu_s"] / 60 for r in recs]
+    for (key, name), color in zip(CURVES, ("C0", "C1", "C2")):
+        if all(key in r for r in recs):
+            ax.plot(minutes, [r[key] for r in recs], color=color, marker=".", label=name)
     ax.set_xlabel("CPU minutes of training (all threads of the training process)")
     ax.set_ylabel("validation, %")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    if title:
-        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
