@@ -6,6 +6,7 @@ import functools
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import gradio as gr
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlkit.backbone import TextTruncatedWarning
 from vlkit.data.images import ImageLoadError
 from vlkit.errors import VlkitError
 from vlkit.retriever import Hit, Retriever
@@ -231,8 +233,17 @@ class Handlers:
     @torch.no_grad()
     def search_text(self, query: str, k: float) -> tuple[list, str]:
         query = self._query(query)
-        items, missing = _gallery(self._index("images").search(text=query, k=self._k(k), target="images"))
-        return items, self._status(f"{len(items)} images for “{query}”", missing)
+        with warnings.catch_warnings():  # the status says it instead
+            warnings.simplefilter("ignore", TextTruncatedWarning)
+            items, missing = _gallery(self._index("images").search(text=query, k=self._k(k), target="images"))
+        return items, self._status(f"{len(items)} images for “{query}”", missing) + self._cut_note(query)
+
+    def _cut_note(self, query: str) -> str:
+        bb = self.retriever.backbone
+        if not bb.truncated([query]):
+            return ""
+        return (f"; the query is longer than the model's {bb.context_length}-token text context, so only its "
+                f"beginning was used")
 
     @torch.no_grad()
     def search_image(self, image: str | None, k: float) -> tuple[list, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import open_clip
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from vlkit.backbone import BackboneError, load_backbone
 from vlkit.backbone.dense import dense_features
+from vlkit.errors import VlkitError
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +141,74 @@ def test_damaged_saved_backbone_files_are_clear_errors(tmp_path):
     folder = load_backbone("vlkit-tiny-test").save(tmp_path / "bb")
     weights = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
-    with pytest.raises(BackboneError, match="truncated or damaged"):
+    with pytest.raises(VlkitError, match="model.safetensors was changed or damaged"):  # its recorded sha256
         load_backbone(folder)
     (folder / "model.safetensors").write_bytes(weights)
     meta = (folder / "vlkit_backbone.json").read_text()
     (folder / "vlkit_backbone.json").write_text(meta[: len(meta) // 2])
     with pytest.raises(BackboneError, match="vlkit_backbone.json is damaged"):
         load_backbone(folder)
+
+
+def _conv_stem_backbone(stem):
+    from vlkit.backbone.core import Backbone, _build_model, _model_config
+
+    cfg = _model_config("vlkit-tiny-test")
+    cfg["vision_cfg"]["stem"] = stem
+    torch.manual_seed(0)
+    return Backbone(_build_model(cfg), "vlkit-tiny-test-conv", cfg).eval()
+
+
+def test_conv_stem_keeps_the_patch_grid_and_round_trips(batch, tmp_path):
+    from vlkit.backbone.core import ConvStem
+    from vlkit.compress.flops import count_flops, flop_model
+
+    bb = _conv_stem_backbone([8, 16])
+    stem = bb.model.visual.conv1
+    assert isinstance(stem, ConvStem) and [c.stride for c in stem.convs] == [(2, 2)] * 3
+    images, tokens = batch
+    assert bb.dense_features(images).shape == (2, 4, 4, 64)  # 32 px / 8 px patches, as without the stem
+    bb.save(tmp_path / "conv")
+    again = load_backbone(tmp_path / "conv").eval()
+    assert isinstance(again.model.visual.conv1, ConvStem)
+    assert torch.equal(again.encode_image(images), bb.encode_image(images))
+    # the analytic FLOP model counts every stem convolution at its own resolution: 16, 8 and 4 px outputs
+    stem_flops = 2 * (16 * 16 * 8 * 3 * 9 + 8 * 8 * 16 * 8 * 9 + 4 * 4 * 64 * 16 * 9)
+    fm = flop_model(bb.model)["image"]
+    assert fm.fixed_parts["patch_embed"] == stem_flops
+    assert count_flops(bb.model, images=images) == {"image": 2 * fm.dense}
+
+
+def test_a_stem_that_does_not_make_the_patch_size_is_a_clear_error():
+    with pytest.raises(BackboneError, match="patch_size is 8"):
+        _conv_stem_backbone([8])
+
+
+def test_text_encoding_skips_the_padding_exactly(bb):
+    """Positions after the batch's last end-of-text token are not computed; the embeddings are unchanged."""
+    tokens = bb.tokenize(["a red circle", "two shapes: a blue star and a green ring"])
+    seen = []
+    hook = bb.model.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            fast = bb.encode_text(tokens)
+    finally:
+        hook.remove()
+    full = bb.model.encode_text(tokens, normalize=True)
+    last_eot = int(tokens.argmax(dim=-1).max())
+    assert seen == [last_eot + 1] and last_eot + 1 < bb.context_length
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
+
+
+def test_a_text_longer_than_the_context_is_cut_with_a_warning(bb):
+    from vlkit.backbone import TextTruncatedWarning
+
+    ctx = bb.context_length  # 16: start + 14 words + end fit exactly
+    fits, over = " ".join(["red"] * (ctx - 2)), " ".join(["red"] * (ctx - 1))
+    assert bb.truncated([fits, over, "a star"]) == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bb.tokenize([fits, "a star"])  # no warning when nothing is cut
+    with pytest.warns(TextTruncatedWarning, match="longer than the text encoder's 16-token context"):
+        tokens = bb.tokenize([fits, over])
+    assert torch.equal(tokens[0], tokens[1])  # the cut text keeps exactly what fits

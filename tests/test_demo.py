@@ -41,6 +41,15 @@ def demo(tmp_path_factory):
         app.close()
 
 
+def test_a_query_longer_than_the_text_context_is_searched_and_the_status_says_it_was_cut(demo):
+    _, client, _, _ = demo
+    gallery, status = client.predict("a red circle " * 40, 3, api_name="/search_text")
+    _status_ok(status)
+    assert len(gallery) == 3 and "only its beginning was used" in status
+    _, status = client.predict("a red circle", 3, api_name="/search_text")
+    assert "beginning" not in status
+
+
 def _status_ok(status: str) -> None:
     assert not status.startswith("⚠️"), status
 

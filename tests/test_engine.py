@@ -12,6 +12,7 @@ from vlkit.cli import resolve_config
 from vlkit.engine.checkpoint import CheckpointError
 from vlkit.engine.run import train
 from vlkit.engine.trainer import TrainingError
+from vlkit.errors import VlkitError
 
 BASE = ["plugin=toy", "model=tiny-test", "train.epochs=3", "train.batch_size=16", "train.eval_batch_size=8",
         "train.checkpoint_every=4", "train.progress=false", "optim.lr=0.2", "optim.warmup_steps=2"]
@@ -111,6 +112,18 @@ def test_a_refused_resume_leaves_the_run_config_untouched(tmp_path, toy_plugin):
         assert (tmp_path / "r" / "config.yaml").read_bytes() == before
 
 
+def test_a_fresh_run_never_appends_to_logs_left_without_a_checkpoint(tmp_path, toy_plugin):
+    run = tmp_path / "r"
+    run.mkdir()
+    stale = '{"step": 999, "loss": 123.0}\n'
+    (run / "train_log.jsonl").write_text(stale)  # an earlier run killed before its first checkpoint
+    _run(tmp_path, "r", "train.epochs=1")
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps and 999 not in steps
+    (kept,) = run.glob("train_log.prev-*.jsonl")
+    assert kept.read_text() == stale
+
+
 @pytest.mark.parametrize("key, value, allowed", [
     ("train.batch_size", "0", ">= 1"), ("train.batch_size", "-4", ">= 1"), ("train.grad_accum", "0", ">= 1"),
     ("train.epochs", "-1", ">= 0"), ("optim.lr", "-0.1", ">= 0.0"), ("data.image_size", "8", ">= 16"),
@@ -150,6 +163,12 @@ def test_damaged_optimizer_state_is_a_clear_error_and_runs_nothing(tmp_path, toy
             return (open, (str(tmp_path / "pwned"), "w"))
 
     optim.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(VlkitError, match="optimizer.pt was changed or damaged"):  # its recorded sha256
+        _run(tmp_path, "r", "train.epochs=2", "resume=true")
+    # a checkpoint written before checksums existed: the file is read, with weights_only, and refused
+    state_file = optim.parent / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k not in ("files", "sha256_self")}))
     with pytest.raises(CheckpointError, match="optimizer.pt' cannot be read as an optimizer state"):
         _run(tmp_path, "r", "train.epochs=2", "resume=true")
     assert not (tmp_path / "pwned").exists()

@@ -103,6 +103,19 @@ def test_cli_help_lists_groups_and_keys(capsys):
     assert "optim.lr (float)" in out and "retrieval.margin" in out
 
 
+def test_cli_help_shows_the_defaults_the_plugin_yaml_sets(capsys):
+    """--help gives what a run would use: the plugin's YAML over the schema, and the user's own overrides."""
+    from vlkit.cli import resolve_config
+
+    for plugin in ("csp", "retrieval"):
+        cfg = resolve_config([f"plugin={plugin}"])[1]
+        assert main(["train", "--help", f"plugin={plugin}", "train.epochs=7"]) == 0
+        out = capsys.readouterr().out
+        assert f"model.name (str) = {cfg.model.name!r}" in out and f"optim.lr (float) = {cfg.optim.lr!r}" in out
+        assert "train.epochs (int) = 7" in out
+    assert resolve_config(["plugin=csp"])[1].model.name != resolve_config(["plugin=retrieval"])[1].model.name
+
+
 def test_console_script_lists_plugins_from_another_directory(tmp_path):
     exe = sys.executable.replace("python", "vlkit")
     out = subprocess.run([exe, "plugins"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout

@@ -20,8 +20,10 @@ from pycocotools.coco import COCO
 from vlkit.data.czsl import CZSLDataset
 from vlkit.data.shapes import (
     COLORS,
+    CZSL_COLOUR_SPLIT,
     PATTERNS,
     SHAPES,
+    czsl_pair_split,
     czsl_scene_for,
     generate_shapes,
     render_background,
@@ -179,6 +181,40 @@ def test_czsl_split_has_unseen_pairs_and_loads(world):
         pixels = np.asarray(Image.open(root / "images" / m["image"]).convert("RGB"))
         assert [(o.pattern, o.shape) for o in scene.objects] == [(m["attr"], m["obj"])]
         assert np.array_equal((pixels != render_background(scene)).any(-1), scene.objects[0].mask)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_colour_split_composes_known_words_and_keeps_open_world_pairs_apart(seed):
+    """CSP's premise: each unseen pair's colour and shape occur in several training pairs; no unseen pair is
+    trained on; 16 pairs exist only in the open world (48 candidates against 32 in the closed world)."""
+    split = czsl_pair_split(seed, CZSL_COLOUR_SPLIT)
+    train = set(split["train"])
+    unseen = set(split["unseen_val"]) | set(split["unseen_test"])
+    assert len(split["unseen_val"]) == len(split["unseen_test"]) == 6 and not unseen & train
+    assert not set(split["unseen_val"]) & set(split["unseen_test"])
+    for a, o in unseen:
+        assert sum(p[0] == a for p in train) >= 2 and sum(p[1] == o for p in train) >= 3
+    closed = train | set(split["val"]) | set(split["test"])
+    assert len(closed) == 32 and not closed & set(split["open_only"])
+    assert closed | set(split["open_only"]) == {(c, s) for c in COLORS for s in SHAPES}
+    assert set(split["val"]) - unseen <= train and set(split["test"]) - unseen <= train
+
+
+def test_colour_czsl_images_show_the_pair_colour_and_shape(world):
+    out, summary = world
+    root = out / "czsl"
+    sets = {s: CZSLDataset(root, s, split_name=CZSL_COLOUR_SPLIT) for s in ("train", "val", "test")}
+    unseen = set(sets["test"].test_pairs) - set(sets["train"].train_pairs)
+    assert unseen and not {ds.pairs[ds[i]["pair"]] for ds in [sets["train"]] for i in range(len(ds))} & unseen
+    assert set(sets["train"].attrs) <= set(COLORS)
+    meta = torch.load(root / f"metadata_{CZSL_COLOUR_SPLIT}.t7", weights_only=True)
+    assert len(meta) == sum(summary["czsl_splits"][CZSL_COLOUR_SPLIT]["images"].values())
+    for i, m in enumerate(meta[::7]):
+        scene = czsl_scene_for(SEED, 7 * i, SIZE, m["attr"], m["obj"], family="color")
+        pixels = np.asarray(Image.open(root / "images" / m["image"]).convert("RGB"))
+        (obj,) = scene.objects
+        assert (obj.color, obj.shape) == (m["attr"], m["obj"]) and obj.pattern in PATTERNS
+        assert np.array_equal((pixels != render_background(scene)).any(-1), obj.mask)
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(world, tmp_path):

@@ -51,24 +51,27 @@ def test_shipped_weights_match_their_recorded_hash_and_metrics():
 
 
 def test_colour_shape_queries_find_their_objects_in_an_unseen_world(shipped, fresh_world):
-    # measured when shipped: the colour is right in 235 of the 240 top-5 images of the 48 queries, and on
-    # average 2.4 of each top 5 hold the very colour-shape object; 5 random images hold it 0.2 times
+    # measured when shipped: the first image holds the very colour-shape object for 46 of the 48 queries;
+    # all 240 top-5 images hold the query's colour or its shape; on average 3.1 of each top 5 hold the very
+    # object (5 random images hold it 0.2 times). "a red circle" is written only for scenes with one object,
+    # so after the few red circles alone in their image come other single shapes of that colour or shape.
     root, images, objects = fresh_world
     emb = _embed_images(shipped, root, images)
     classes = [(c, s) for c in COLORS for s in SHAPES]
     with torch.no_grad():
         queries = shipped.encode_text(shipped.tokenize([_prompt(c, s) for c, s in classes]))
     top = (queries @ emb.T).topk(5, dim=1).indices.tolist()
-    colour_right = sum(any(c == oc for oc, _ in objects[images[i]["id"]]) for (c, _), row in zip(classes, top)
-                       for i in row)
+    first = sum((c, s) in objects[images[row[0]]["id"]] for (c, s), row in zip(classes, top))
+    related = sum(any(c == oc or s == os for oc, os in objects[images[i]["id"]]) for (c, s), row in zip(classes, top)
+                  for i in row)
     hits = sum((c, s) in objects[images[i]["id"]] for (c, s), row in zip(classes, top) for i in row)
     by_chance = sum(sum((c, s) in objs for objs in objects.values()) for c, s in classes) * 5 / len(images)
-    assert colour_right >= 0.95 * 5 * len(classes)
-    assert hits / len(classes) >= 1.5 and hits / len(classes) > 5 * by_chance / len(classes)
+    assert first >= 44 and related >= 0.98 * 5 * len(classes)
+    assert hits / len(classes) >= 2.7 and hits > 5 * by_chance
 
 
 def test_zero_shot_colour_and_shape_on_single_object_images(shipped, fresh_world):
-    # measured when shipped: 0.66 on this world (0.65 on the default test split, 0.72 on val); chance 1/48
+    # measured when shipped: 0.965 on this world (0.971 on the default test split and on val); chance 1/48
     root, images, objects = fresh_world
     single = [im for im in images if len(objects[im["id"]]) == 1]
     emb = _embed_images(shipped, root, single)
@@ -77,7 +80,7 @@ def test_zero_shot_colour_and_shape_on_single_object_images(shipped, fresh_world
         prompts = shipped.encode_text(shipped.tokenize([_prompt(c, s) for c, s in classes]))
     pred = (emb @ prompts.T).argmax(dim=1).tolist()
     acc = sum(classes[p] == objects[im["id"]][0] for p, im in zip(pred, single)) / len(single)
-    assert len(single) > 80 and acc >= 0.55
+    assert len(single) > 80 and acc >= 0.90
 
 
 def _prompt(colour: str, shape: str) -> str:

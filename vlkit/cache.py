@@ -12,7 +12,7 @@ from vlkit.io import atomic_directory
 
 # == vlkit.data.shapes.GENERATOR_VERSION (a test holds it so), written here to keep numpy/scipy out of
 # this import; a new generator version gets a new cache folder instead of reusing an older world.
-WORLD_VERSION = "shapes-v2"
+WORLD_VERSION = "shapes-v3"
 
 
 def cache_root() -> Path:

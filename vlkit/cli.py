@@ -75,7 +75,11 @@ def _config_help(args: list[str], verb: str) -> str:
             lines += ["", f"plugin {plugin.name}: {plugin.description}"]
     except PluginError:
         schema = BaseConfig
-    lines += ["", "keys (type = default):", *describe(schema)]
+    try:  # the defaults as the config files set them for this command line (a plugin's YAML included)
+        values = resolve_config(args, name=verb)[1]
+    except VlkitError:
+        values = None
+    lines += ["", "keys (type = default):", *describe(schema, values=values)]
     return "\n".join(lines)
 
 

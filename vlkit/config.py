@@ -268,15 +268,19 @@ def parse_kv(args: list[str], schema: type) -> Any:
     return OmegaConf.to_object(validate(raw, schema))
 
 
-def describe(schema: type, prefix: str = "") -> list[str]:
-    """One line per key: name, type and default, for --help."""
+def describe(schema: type, prefix: str = "", values: Any = None) -> list[str]:
+    """One line per key: name, type and default, for --help. ``values`` (a composed config) gives the
+    defaults as the config files set them for this command line (a plugin's YAML overrides the schema)."""
     lines = []
     for f in dataclasses.fields(schema):
         factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        given = values.get(f.name) if values is not None and hasattr(values, "get") else None
         if isinstance(factory, type) and dataclasses.is_dataclass(factory):
-            lines += describe(factory, f"{prefix}{f.name}.")
+            lines += describe(factory, f"{prefix}{f.name}.", given)
             continue
         default = factory() if factory else f.default
+        if given is not None:
+            default = OmegaConf.to_container(given) if OmegaConf.is_config(given) else given
         tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         lines.append(f"  {prefix}{f.name} ({tname}) = {default!r}")
     return lines

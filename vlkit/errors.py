@@ -7,3 +7,7 @@ class VlkitError(Exception):
 
 class DataNotFoundError(VlkitError, FileNotFoundError):
     """A data file or folder is missing; the message names it and the layout that was expected."""
+
+
+class DataFormatError(VlkitError, ValueError):
+    """A data file exists but does not hold what its format promises; the message names it."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from vlkit.errors import VlkitError
 from vlkit.index_faiss import _faiss_msg
-from vlkit.io import atomic_directory, fsync_path, sha256_file
+from vlkit.io import atomic_directory, fsync_path, seal, sha256_file, unseal
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -67,7 +67,7 @@ def write_index_dir(
             "faiss_version": faiss.__version__,
         }
         with open(root / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
+            json.dump(seal(manifest), f, indent=2, sort_keys=True)
             _flush(f)
 
 
@@ -153,6 +153,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexFormatError(f"{root / MANIFEST} is corrupt ({e}); {_REBUILD}") from None
+    manifest = unseal(manifest, root / MANIFEST, _REBUILD)  # indexes saved before seals existed pass as they are
     missing = [k for k in (*_CORE_KEYS, "files", "info", "search_params") if k not in manifest]
     if missing:
         raise IndexFormatError(f"{root / MANIFEST} lacks {missing}; {_REBUILD}")

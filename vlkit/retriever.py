@@ -27,7 +27,7 @@ from vlkit.backbone import Backbone, load_backbone
 from vlkit.data.images import ImageLoadError, SkipReport, find_images, load_image
 from vlkit.errors import VlkitError
 from vlkit.index import IndexMismatchError, VectorIndex
-from vlkit.io import atomic_directory
+from vlkit.io import atomic_directory, read_json_file, seal, unseal
 
 MANIFEST = "retriever.json"
 TARGETS = ("images", "texts")
@@ -230,7 +230,7 @@ class Retriever:
             manifest = {"backbone": self._identity, "backbone_source": self.backbone.source,
                         "embed_dim": self.backbone.embed_dim, "kind": self.kind, "targets": sorted(self.indexes),
                         "int8": self.int8}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            (tmp / MANIFEST).write_text(json.dumps(seal(manifest), indent=2))
         return Path(directory)
 
     @classmethod
@@ -239,14 +239,14 @@ class Retriever:
         directory = Path(directory)
         if not (directory / MANIFEST).is_file():
             raise VlkitError(f"{directory} is not a vlkit index (no {MANIFEST}); build one with `vlkit index`")
-        try:
-            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-            missing = [k for k in ("backbone", "backbone_source", "embed_dim", "kind", "targets") if k not in manifest]
-            if missing:
-                raise KeyError(f"no {', '.join(missing)}")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise VlkitError(f"{directory / MANIFEST} is damaged ({type(exc).__name__}: {exc}); rebuild the index "
-                             f"with `vlkit index images=... out={directory}`") from None
+        fix = f"rebuild the index with `vlkit index images=... out={directory}`"
+        manifest = unseal(read_json_file(directory / MANIFEST, VlkitError, fix), directory / MANIFEST, fix)
+        types = {"backbone": str, "backbone_source": str, "embed_dim": int, "kind": str, "targets": list}
+        bad = [k for k, t in types.items() if not isinstance(manifest.get(k), t)]
+        if bad or not all(isinstance(t, str) and t and "/" not in t and not t.startswith(".")
+                          for t in manifest["targets"]):
+            raise VlkitError(f"{directory / MANIFEST} is damaged ({', '.join(bad) or 'targets'} missing or "
+                             f"malformed): {fix}")
         if backbone is None:
             backbone = load_backbone(manifest["backbone_source"])
         if backbone.identity != manifest["backbone"]:

@@ -12,7 +12,7 @@ from vlkit.backbone import Backbone
 from vlkit.data.czsl import CZSLDataset
 from vlkit.errors import VlkitError
 from vlkit.plugins import DataBundle
-from vlkit_csp.config import check_config
+from vlkit_csp.config import check_config, resolve_auto
 
 
 def czsl_root(data: DictConfig) -> Path:
@@ -54,7 +54,7 @@ class IndexedSplit(Dataset):
 def build_data(cfg: DictConfig, backbone: Backbone) -> DataBundle:
     check_config(cfg.csp)
     root = czsl_root(cfg.data)
-    split_name = cfg.csp.split_name
+    split_name, template = resolve_auto(cfg.csp, cfg.data.name)
 
     def split(name: str, transform: Any, limit: int) -> IndexedSplit:
         return IndexedSplit(CZSLDataset(root, name, transform, split_name=split_name), limit)
@@ -64,5 +64,6 @@ def build_data(cfg: DictConfig, backbone: Backbone) -> DataBundle:
     test = split("test", backbone.preprocess, cfg.data.limit_eval)
     base = train.base
     info = {"root": str(root), "attrs": base.attrs, "objs": base.objs, "pairs": base.pairs,
-            "train_pairs": base.train_pairs, "val_pairs": base.val_pairs, "test_pairs": base.test_pairs}
+            "train_pairs": base.train_pairs, "val_pairs": base.val_pairs, "test_pairs": base.test_pairs,
+            "split_name": split_name, "template": template}
     return DataBundle(train=train, val=val, test=test, info=info)

@@ -23,7 +23,7 @@ from vlkit.metrics.czsl import (
     plot_curve,
 )
 from vlkit.plugins import DataBundle
-from vlkit_csp.config import CSPConfig
+from vlkit_csp.config import CSPConfig, resolve_auto
 from vlkit_csp.model import PromptModel
 from vlkit_csp.vocab import Pair, clean_name, parse_pairs
 
@@ -223,6 +223,7 @@ def build_task(cfg: DictConfig, backbone: Backbone, data: DataBundle) -> CSPTask
     if "attrs" not in data.info:
         raise VlkitError("plugin csp's task needs the data from its own build_data (attrs, objs, pair splits in info)")
     csp = OmegaConf.to_object(cfg.csp) if isinstance(cfg.csp, DictConfig) else cfg.csp
+    csp.split_name, csp.template = resolve_auto(csp, cfg.data.name)
     return CSPTask(csp, backbone, data, cfg.train.eval_batch_size)
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from vlkit.backbone import Backbone
 from vlkit.errors import VlkitError
-from vlkit.io import atomic_directory
+from vlkit.io import atomic_directory, file_digests, read_json_file, seal, unseal, verify_digests
 
 FORMAT = "vlkit-csp-vocab"
 VERSION = 1
@@ -100,7 +100,8 @@ class SoftVocab:
                 "objs": self.objs, "template": self.template, "backbone": self.backbone}
         with atomic_directory(path) as tmp:
             save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-            (tmp / META).write_text(json.dumps(meta, indent=2))
+            meta["files"] = file_digests(tmp, [WEIGHTS])
+            (tmp / META).write_text(json.dumps(seal(meta), indent=2))
         return Path(path)
 
     @classmethod
@@ -110,10 +111,18 @@ class SoftVocab:
         if not (path / META).is_file() or not (path / WEIGHTS).is_file():
             raise VocabError(f"{str(path)!r} is not a csp vocabulary folder (expected {META} and {WEIGHTS}; "
                              f"training writes one to <run>/vocab)")
-        meta = json.loads((path / META).read_text())
-        if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        fix = "train the vocabulary again (vlkit train plugin=csp) or copy the folder again"
+        meta = unseal(read_json_file(path / META, VocabError, fix), path / META, fix)
+        if meta.get("format") != FORMAT or not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > VERSION:
             raise VocabError(f"{str(path / META)!r} is not a {FORMAT} file this version can read")
-        tensors = load_file(str(path / WEIGHTS))
+        if "files" in meta:  # vocabularies saved before checksums existed have none
+            verify_digests(path, meta["files"], fix)
+        try:
+            tensors = load_file(str(path / WEIGHTS))
+            if not {"attr_emb", "obj_emb"} <= set(tensors):
+                raise ValueError("attr_emb or obj_emb missing")
+        except Exception as exc:
+            raise VocabError(f"{path / WEIGHTS} is unreadable ({type(exc).__name__}: {exc}): {fix}") from None
         vocab = cls(meta["method"], list(meta["attrs"]), list(meta["objs"]), tensors["attr_emb"],
                     tensors["obj_emb"], tensors.get("ctx"), meta["backbone"], meta.get("template", "a photo of"))
         vocab.check_backbone(backbone, source=str(path))

@@ -3,9 +3,10 @@
 from vlkit.backbone.core import (
     Backbone,
     BackboneError,
+    TextTruncatedWarning,
     load_backbone,
     read_state_dict,
     register_vlkit_configs,
 )
 
-__all__ = ["Backbone", "BackboneError", "load_backbone", "read_state_dict", "register_vlkit_configs"]
+__all__ = ["Backbone", "BackboneError", "TextTruncatedWarning", "load_backbone", "read_state_dict", "register_vlkit_configs"]

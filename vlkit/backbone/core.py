@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -17,13 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.errors import VlkitError
-from vlkit.io import atomic_directory
+from vlkit.io import atomic_directory, file_digests, read_json_file, seal, unseal, verify_digests
 from vlkit.registry import did_you_mean
 
 SAVED_CONFIG = "vlkit_backbone.json"
 SAVED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
+
+
+class TextTruncatedWarning(UserWarning):
+    """A text was longer than the text encoder's context and was cut to it."""
 
 
 class BackboneError(VlkitError, RuntimeError):
@@ -50,14 +55,78 @@ def _model_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
+class _ChannelsLastConv(nn.Conv2d):
+    """A Conv2d that runs in channels-last layout (oneDNN's fast path on CPU: about 1.7x at the stem's sizes)
+    while its parameters stay in the default layout, so pruning masks and state dicts see plain tensors."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, weight.contiguous(memory_format=torch.channels_last), bias)
+
+
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see
+    better"): stride-2 3x3 convolutions with GELU between them, ending at the tower's width, in place of
+    the single patch-sized convolution. Its output grid equals the patch grid, so the tower is otherwise
+    unchanged. ``channels`` are the hidden widths; ``len(channels) + 1`` convolutions give a patch of
+    ``2 ** (len(channels) + 1)`` pixels."""
+
+    def __init__(self, channels: Sequence[int], width: int, patch_size: int) -> None:
+        widths = [3, *channels, width]
+        if 2 ** (len(widths) - 1) != patch_size:
+            raise BackboneError(f"vision_cfg.stem {list(channels)}: {len(widths) - 1} stride-2 convolutions make "
+                                f"{2 ** (len(widths) - 1)} px patches, but patch_size is {patch_size}; give "
+                                f"log2(patch_size) - 1 = {max(0, patch_size.bit_length() - 2)} hidden widths")
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(_ChannelsLastConv(c_in, c_out, 3, stride=2, padding=1, bias=i < len(widths) - 2))
+            if i < len(widths) - 2:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    @property
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self if isinstance(m, nn.Conv2d)]
+
+
+def _trimmable_text(model: nn.Module, tokens: torch.Tensor) -> bool:
+    """True when ``model`` runs open_clip's own CLIP.encode_text with a causal mask and argmax pooling
+    over full-length token rows: then trailing positions can be dropped exactly."""
+    return (type(model).encode_text is open_clip.CLIP.encode_text
+            and getattr(model, "text_pool_type", None) == "argmax"
+            and isinstance(getattr(model, "attn_mask", None), torch.Tensor)
+            and tokens.shape[1] == model.positional_embedding.shape[0])
+
+
+def _encode_text_prefix(model: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """open_clip's CLIP.encode_text on the first ``tokens.shape[1]`` positions (causal mask cut to size)."""
+    n = tokens.shape[1]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1) if normalize else x
+
+
 def _build_model(cfg: dict[str, Any]) -> nn.Module:
-    """Instantiate an open_clip CLIP from a config dict (the json of a model architecture)."""
+    """Instantiate an open_clip CLIP from a config dict (the json of a model architecture). vlkit adds one
+    key: ``vision_cfg.stem`` (hidden widths of a convolutional patch embedding, see ConvStem)."""
     cfg = copy.deepcopy(cfg)
+    stem = cfg.get("vision_cfg", {}).pop("stem", None)
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     if "multimodal_cfg" in cfg:
         raise BackboneError("CoCa-style models (multimodal_cfg) are not supported as vlkit backbones")
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    return cls(**cfg)
+    model = cls(**cfg)
+    if stem:
+        vis = cfg["vision_cfg"]
+        model.visual.conv1 = ConvStem(stem, vis["width"], vis["patch_size"])
+    return model
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -174,9 +243,27 @@ class Backbone(nn.Module):
         return open_clip.image_transform(self.image_size, is_train=is_train, mean=mean, std=std)
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context_length]. A text longer than the context is cut (its end is dropped) with a
+        TextTruncatedWarning naming how many were; ``truncated(texts)`` says which."""
         if isinstance(texts, str):
             texts = [texts]
-        return self._tokenizer(list(texts), context_length=self.context_length)
+        tokens = self._tokenizer(list(texts), context_length=self.context_length)
+        if tokens.ndim == 2 and bool((tokens[:, -1] != 0).any()) and self.truncated(texts, tokens):
+            # one fixed text, so Python's default filter shows it once per place, not once per batch
+            warnings.warn(TextTruncatedWarning(
+                f"texts longer than the text encoder's {self.context_length}-token context are cut to it "
+                f"(Backbone.truncated(texts) says which)"), stacklevel=2)
+        return tokens
+
+    def truncated(self, texts: Sequence[str], tokens: torch.Tensor | None = None) -> list[int]:
+        """Indices of ``texts`` that do not fit the context (so tokenize drops their end)."""
+        texts = list(texts)
+        tokens = self._tokenizer(texts, context_length=self.context_length) if tokens is None else tokens
+        full = [i for i in range(len(texts)) if int(tokens[i, -1]) != 0]  # the last slot is used: maybe cut
+        if not full:
+            return []
+        longer = self._tokenizer([texts[i] for i in full], context_length=4 * self.context_length + 8)
+        return [i for i, row in zip(full, longer) if int(row[self.context_length]) != 0]
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +273,15 @@ class Backbone(nn.Module):
         return self.model.encode_image(images, normalize=normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.model.encode_text(tokens, normalize=normalize)
+        """Caption embeddings. For CLIP text towers (causal mask, pooled at the end-of-text token) the
+        positions after the batch's last end-of-text token cannot change any pooled output, so they are
+        not computed: the same embeddings at a fraction of the cost for short captions."""
+        model = self.model
+        if tokens.ndim == 2 and _trimmable_text(model, tokens):
+            keep = int(tokens.argmax(dim=-1).max()) + 1
+            if keep < tokens.shape[1]:
+                return _encode_text_prefix(model, tokens[:, :keep], normalize)
+        return model.encode_text(tokens, normalize=normalize)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens)
@@ -218,8 +313,9 @@ class Backbone(nn.Module):
                 "format": "vlkit-backbone", "version": FORMAT_VERSION, "name": self.name,
                 "config": self.config, "preprocess_cfg": self.preprocess_cfg,
                 "pruned": self.pruned_spec(), "source": self.source,
+                "files": file_digests(tmp, [SAVED_WEIGHTS]),
             }
-            (tmp / SAVED_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / SAVED_CONFIG).write_text(json.dumps(seal(meta), indent=2, sort_keys=True))
         return Path(directory)
 
 
@@ -228,19 +324,26 @@ def is_saved_backbone(path: str | Path) -> bool:
 
 
 def _load_saved(directory: Path) -> Backbone:
-    try:
-        meta = json.loads((directory / SAVED_CONFIG).read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "name" not in meta:
-            raise ValueError("no config or name")
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise BackboneError(f"{directory / SAVED_CONFIG} is damaged ({exc}): save the backbone again") from None
-    if meta.get("format") != "vlkit-backbone" or meta.get("version", 0) > FORMAT_VERSION:
+    fix = "save the backbone again (or copy the folder again)"
+    meta = unseal(read_json_file(directory / SAVED_CONFIG, BackboneError, fix), directory / SAVED_CONFIG, fix)
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("name"), str):
+        raise BackboneError(f"{directory / SAVED_CONFIG} is damaged (no config or name): {fix}")
+    if meta.get("format") != "vlkit-backbone" or not isinstance(meta.get("version", 0), int) \
+            or meta.get("version", 0) > FORMAT_VERSION:
         raise BackboneError(f"{str(directory)!r} is not a vlkit backbone folder this version can read")
-    model = _build_model(meta["config"])
-    if meta.get("pruned"):
-        from vlkit.compress.materialize import rebuild_pruned
+    if "files" in meta:  # folders saved before checksums existed have none
+        verify_digests(directory, meta["files"], fix)
+    try:
+        model = _build_model(meta["config"])
+        if meta.get("pruned"):
+            from vlkit.compress.materialize import rebuild_pruned
 
-        rebuild_pruned(model, meta["pruned"])
+            rebuild_pruned(model, meta["pruned"])
+    except VlkitError:
+        raise
+    except Exception as exc:  # a config edited into something open_clip cannot build
+        raise BackboneError(f"{directory / SAVED_CONFIG} describes no model vlkit can build "
+                            f"({type(exc).__name__}: {exc}): {fix}") from None
     state = read_state_dict(directory / SAVED_WEIGHTS)
     load_weights_strict(model, state, str(directory), meta["name"])
     return Backbone(model, meta["name"], meta["config"], meta.get("preprocess_cfg"), source=str(directory))

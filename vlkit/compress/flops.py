@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,13 +55,25 @@ def neuron_flops(tokens: int, width: int) -> int:
     return 4 * tokens * width
 
 
+def _patch_embed_flops(embed: nn.Module, image_size: Any) -> int:
+    """Multiply-adds x 2 of the patch embedding: one patch-sized convolution, or every convolution of a
+    vlkit ConvStem (each at its own output resolution)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    convs = [embed] if isinstance(embed, nn.Conv2d) else [m for m in embed.modules() if isinstance(m, nn.Conv2d)]
+    total = 0
+    for conv in convs:
+        h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+        total += 2 * h * w * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return total
+
+
 def _image_fixed(visual: nn.Module) -> tuple[int, int, dict[str, int]]:
     if getattr(visual, "attn_pool", None) is not None:
         raise NotImplementedError("the analytic FLOP model does not cover attentional pooling towers")
     gh, gw = visual.grid_size
     tokens = gh * gw + 1
-    conv = visual.conv1
-    patch = 2 * gh * gw * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    patch = _patch_embed_flops(visual.conv1, visual.image_size)
     pooled = tokens if visual.pool_type == "none" else 1
     proj = 2 * pooled * visual.proj.shape[0] * visual.proj.shape[1] if visual.proj is not None else 0
     return tokens, patch + proj, {"patch_embed": patch, "proj": proj}

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from vlkit.data.images import ImageLoadError, SkipReport, load_image
-from vlkit.errors import DataNotFoundError
+from vlkit.errors import DataFormatError, DataNotFoundError
 
 OnError = Literal["raise", "skip"]
 Transform = Callable[[Any], Any]
@@ -26,13 +26,27 @@ def _read_json(path: Path, required: tuple[str, ...], kind: str) -> dict[str, An
         raise DataNotFoundError(f"COCO annotation file not found: {path}; expected the official layout, "
                                 "e.g. annotations/captions_train2017.json")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download or regenerate it") from e
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataFormatError(f"{path} is not valid JSON ({str(e)[:120]}); re-download or regenerate it") from None
+    if not isinstance(data, dict):
+        raise DataFormatError(f"{path} is not a COCO {kind} file: the top level is not a JSON object")
     missing = [k for k in required if k not in data]
     if missing:
-        raise ValueError(f"{path} is not a COCO {kind} file: missing top-level keys {missing}")
+        raise DataFormatError(f"{path} is not a COCO {kind} file: missing top-level keys {missing}")
     return data
+
+
+@contextlib.contextmanager
+def _records_of(path: Path, kind: str):
+    """Turn a malformed record (a missing key, a wrong type) into a DataFormatError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, DataFormatError) or isinstance(e, ImageLoadError):
+            raise
+        raise DataFormatError(f"{path} is not a valid COCO {kind} file ({type(e).__name__}: {str(e)[:120]}); "
+                              f"re-download or regenerate it") from None
 
 
 def _check_images(images_dir: Path, records: list[tuple[int, str]], on_error: str,
@@ -74,9 +88,10 @@ class CocoCaptions(Dataset):
         self.images_dir, self.ann_file, self.transform = Path(images_dir), Path(ann_file), transform
         data = _read_json(self.ann_file, ("images", "annotations"), "captions")
         by_image: dict[int, list[str]] = {}
-        for ann in sorted(data["annotations"], key=lambda a: a["id"]):  # stable caption order
-            by_image.setdefault(ann["image_id"], []).append(str(ann["caption"]).strip())
-        records = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+        with _records_of(self.ann_file, "captions"):
+            for ann in sorted(data["annotations"], key=lambda a: a["id"]):  # stable caption order
+                by_image.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
+            records = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
         records, self.skipped = _check_images(self.images_dir, records, on_error, self.ann_file)
         self.image_ids = [i for i, _ in records]
         self.files = [f for _, f in records]
@@ -133,11 +148,12 @@ class CocoInstances(Dataset):
         data = _read_json(self.ann_file, ("images", "annotations", "categories"), "instances")
         self.coco = COCO()  # built from the parsed dict: the file is read once, with our clear errors
         self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            self.coco.createIndex()
-        self.cat_ids: list[int] = sorted(self.coco.cats)
-        self.cat_names: dict[int, str] = {c: self.coco.cats[c]["name"] for c in self.cat_ids}
-        records = [(int(i), str(im["file_name"])) for i, im in self.coco.imgs.items()]
+        with _records_of(self.ann_file, "instances"):
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+                self.coco.createIndex()
+            self.cat_ids: list[int] = sorted(self.coco.cats)
+            self.cat_names: dict[int, str] = {c: str(self.coco.cats[c]["name"]) for c in self.cat_ids}
+            records = [(int(i), str(im["file_name"])) for i, im in self.coco.imgs.items()]
         records, self.skipped = _check_images(self.images_dir, records, on_error, self.ann_file)
         self.image_ids = [i for i, _ in records]
         self.files = [f for _, f in records]
@@ -148,21 +164,25 @@ class CocoInstances(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
-        h, w = int(info["height"]), int(info["width"])
+        with _records_of(self.ann_file, "instances"):
+            h, w = int(info["height"]), int(info["width"])
         path = self.images_dir / self.files[index]
         image = load_image(path)
         if image.size != (w, h):  # masks are decoded at the annotated size: a mismatch would misalign them
             raise ImageLoadError(path, f"size {image.size[0]}x{image.size[1]} differs from {w}x{h} in "
                                        f"{self.ann_file.name}; the file does not belong to these annotations")
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id]))
-        masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
-        return {
-            "image": self.transform(image) if self.transform is not None else image,
-            "image_id": image_id,
-            "masks": torch.from_numpy(masks.astype(bool)),
-            "boxes": torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),  # COCO xywh
-            "category_ids": torch.tensor([a["category_id"] for a in anns], dtype=torch.long),
-            "category_names": [self.cat_names[a["category_id"]] for a in anns],
-            "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
-            "ann_ids": torch.tensor([a["id"] for a in anns], dtype=torch.long),
-        }
+        with _records_of(self.ann_file, "instances"):  # a damaged polygon, RLE, box or category
+            masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+            if masks.shape[1:] != (h, w):
+                raise ValueError(f"a mask of image {image_id} is {masks.shape[1:]}, the image {h}x{w}")
+            return {
+                "image": self.transform(image) if self.transform is not None else image,
+                "image_id": image_id,
+                "masks": torch.from_numpy(masks.astype(bool)),
+                "boxes": torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),  # COCO xywh
+                "category_ids": torch.tensor([a["category_id"] for a in anns], dtype=torch.long),
+                "category_names": [self.cat_names[a["category_id"]] for a in anns],
+                "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+                "ann_ids": torch.tensor([a["id"] for a in anns], dtype=torch.long),
+            }

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlkit.data.images import load_image
-from vlkit.errors import DataNotFoundError
+from vlkit.errors import DataFormatError, DataNotFoundError
 
 Pair = tuple[str, str]
 SPLITS = ("train", "val", "test")
@@ -30,12 +30,16 @@ def read_pairs(path: Path) -> list[Pair]:
     if not path.is_file():
         raise _missing(path, "pairs file")
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path} is not UTF-8 text ({e}); expected lines 'attr obj'") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise ValueError(f"{path}:{n}: expected 'attr obj' (two words), got {line!r}")
+            raise DataFormatError(f"{path}:{n}: expected 'attr obj' (two words), got {line[:80]!r}")
         pairs.append((parts[0], parts[1]))
     return pairs
 
@@ -47,9 +51,10 @@ def read_metadata(path: Path) -> list[dict[str, str]]:
     try:
         meta = torch.load(path, weights_only=True)
     except Exception as e:  # a pickle that needs arbitrary code, or a damaged file
-        raise ValueError(f"cannot read CZSL metadata {path} with torch.load(weights_only=True): {e}") from e
+        raise DataFormatError(f"cannot read CZSL metadata {path} with torch.load(weights_only=True) "
+                              f"({type(e).__name__}: {str(e)[:160]}): it is damaged or not a CZSL metadata file") from None
     if not isinstance(meta, list) or (meta and not {"image", "attr", "obj", "set"} <= set(meta[0])):
-        raise ValueError(f"{path}: expected a list of dicts with keys image, attr, obj, set")
+        raise DataFormatError(f"{path}: expected a list of dicts with keys image, attr, obj, set")
     return meta
 
 
@@ -87,9 +92,13 @@ class CZSLDataset(Dataset):
         self.split_pairs = {"train": self.train_pairs, "val": self.val_pairs, "test": self.test_pairs}[split]
         allowed = set(self.split_pairs)
         meta = read_metadata(self.root / f"metadata_{split_name}.t7")
-        self.data: list[tuple[str, str, str]] = [
-            (m["image"], m["attr"], m["obj"]) for m in meta
-            if m["set"] == split and m["attr"] != "NA" and (m["attr"], m["obj"]) in allowed]
+        try:
+            self.data: list[tuple[str, str, str]] = [
+                (str(m["image"]), m["attr"], m["obj"]) for m in meta
+                if m["set"] == split and m["attr"] != "NA" and (m["attr"], m["obj"]) in allowed]
+        except (KeyError, TypeError) as e:
+            raise DataFormatError(f"{self.root / f'metadata_{split_name}.t7'}: an entry lacks image, attr, obj "
+                                  f"or set ({type(e).__name__}: {e})") from None
 
     @property
     def seen_mask(self) -> torch.Tensor:

@@ -31,15 +31,19 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "rin
 # Patterns are never named in captions: they are the held-out attribute family of the CZSL split.
 PATTERNS: tuple[str, ...] = ("solid", "striped", "dotted", "outlined", "checkered")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-CZSL_SPLIT_NAME = "compositional-split-natural"
-GENERATOR_VERSION = "shapes-v2"  # v2: instances carry each object's centre
+CZSL_SPLIT_NAME = "compositional-split-natural"  # attributes = the patterns, never named in captions
+CZSL_COLOUR_SPLIT = "compositional-split-colour"  # attributes = the colours, which captions name
+# split folder -> the object attribute that is the CZSL attribute, and its vocabulary
+CZSL_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    CZSL_SPLIT_NAME: ("pattern", PATTERNS), CZSL_COLOUR_SPLIT: ("color", tuple(COLORS))}
+GENERATOR_VERSION = "shapes-v3"  # v2: instances carry each object's centre; v3: the colour CZSL split
 BG_MAX = 45
 _SHADE = 0.5  # the pattern's second tone, as a fraction of the object's colour
 _TILT = 0.35  # max rotation (rad) of polygon shapes: enough variety, a cross stays a "+"
 _GAP = 2.0  # min free pixels between two objects' bounding circles, so they never touch
 # Radius of each shape's bounding circle, as a multiple of its outer radius r (square corner, cross arm end).
 _BOUND = {"circle": 1.0, "ring": 1.0, "triangle": 1.0, "star": 1.0, "square": 0.8 * 2**0.5, "cross": 1.09**0.5}
-_STREAM = {"train": 0, "val": 1, "test": 2, "czsl": 3}
+_STREAM = {"train": 0, "val": 1, "test": 2, "czsl": 3, "czsl-colour": 5}
 
 
 @dataclass
@@ -189,8 +193,10 @@ def _place(rng: np.random.Generator, scene: Scene, shape: str, r: float,
     return None
 
 
-def _add_object(rng: np.random.Generator, scene: Scene, shape: str, pattern: str, r: float) -> bool:
-    color = list(COLORS)[int(rng.integers(len(COLORS)))]
+def _add_object(rng: np.random.Generator, scene: Scene, shape: str, pattern: str, r: float,
+                color: str | None = None) -> bool:
+    drawn = list(COLORS)[int(rng.integers(len(COLORS)))]  # drawn even when fixed: the stream stays the same
+    color = color or drawn
     jitter = rng.integers(-12, 13, 3)
     rgb = tuple(min(255, max(0, c + int(j))) for c, j in zip(COLORS[color], jitter))
     angle = 0.0 if shape in ("circle", "ring") else float(rng.uniform(-_TILT, _TILT))
@@ -218,12 +224,19 @@ def scene_for(seed: int, stream: str, index: int, size: int) -> Scene:
     return scene
 
 
-def czsl_scene_for(seed: int, index: int, size: int, pattern: str, shape: str) -> Scene:
-    """A single, larger object with a fixed (pattern, shape) pair and a random nuisance colour."""
-    rng = np.random.default_rng([seed, _STREAM["czsl"], index])
+def czsl_scene_for(seed: int, index: int, size: int, attr: str, shape: str, family: str = "pattern") -> Scene:
+    """A single, larger object with a fixed (attribute, shape) pair. ``family`` says what the attribute is:
+    "pattern" (the colour is a random nuisance) or "color" (the pattern is the nuisance)."""
+    if family not in ("pattern", "color"):
+        raise ValueError(f"czsl_scene_for: family={family!r}; expected 'pattern' or 'color'")
+    rng = np.random.default_rng([seed, _STREAM["czsl" if family == "pattern" else "czsl-colour"], index])
     scene = _sample_background(rng, size)
     r = float(rng.uniform(max(5.0, 0.2 * size), max(6.0, 0.36 * size)))
-    if not _add_object(rng, scene, shape, pattern, r):
+    if family == "pattern":
+        pattern, color = attr, None
+    else:
+        pattern, color = PATTERNS[int(rng.integers(len(PATTERNS)))], attr
+    if not _add_object(rng, scene, shape, pattern, r, color):
         raise RuntimeError(f"czsl_scene_for: a {shape} of radius {r:.1f} does not fit {size}px")
     return scene
 
@@ -384,9 +397,9 @@ def _render_item(job: tuple[int, str, int, int]) -> tuple[bytes, list[dict[str, 
     return png_bytes(render_scene(scene)), objs, caps
 
 
-def _render_czsl(job: tuple[int, int, int, str, str]) -> bytes:
-    seed, index, size, attr, obj = job
-    return png_bytes(render_scene(czsl_scene_for(seed, index, size, attr, obj)))
+def _render_czsl(job: tuple[int, int, int, str, str, str]) -> bytes:
+    seed, index, size, attr, obj, family = job
+    return png_bytes(render_scene(czsl_scene_for(seed, index, size, attr, obj, family)))
 
 
 def _dump_json(path: Path, obj: Any) -> None:
@@ -422,49 +435,69 @@ def _write_split(out: Path, split: str, n: int, size: int, seed: int, run: Mappe
             "captions_file": str(files["captions"]), "instances_file": str(files["instances"])}
 
 
-def czsl_pair_split(seed: int) -> dict[str, list[tuple[str, str]]]:
-    """MIT-States-style pair split: ~20% of (pattern, shape) pairs unseen in val, another ~20% unseen in
-    test; val/test also hold as many seen pairs. Each pattern and shape keeps >= 2 train pairs."""
-    rng = np.random.default_rng([seed, 4])
-    pairs = [(a, o) for a in PATTERNS for o in SHAPES]
-    n_unseen = max(1, len(pairs) // 5)
-    train, unseen = list(pairs), {"val": [], "test": []}
+def czsl_pair_split(seed: int, split_name: str = CZSL_SPLIT_NAME) -> dict[str, list[tuple[str, str]]]:
+    """MIT-States-style pair split of ``split_name``'s (attribute, shape) pairs.
+
+    - natural (patterns): ~20% of the 30 pairs unseen in val, another ~20% unseen in test; val/test also
+      hold as many seen pairs; every pattern and shape keeps >= 2 train pairs.
+    - colour: 6 of the 48 pairs unseen in val, 6 unseen in test, and 16 in no split (they exist only in the
+      open world, which then has 48 candidates against 32 in the closed world); every colour keeps >= 2 and
+      every shape >= 3 train pairs, so each unseen pair composes an attribute and an object seen in several
+      training pairs. Val/test hold 6 seen pairs each too."""
+    if split_name not in CZSL_FAMILIES:
+        raise ValueError(f"czsl_pair_split: unknown split {split_name!r}; expected one of {sorted(CZSL_FAMILIES)}")
+    attrs = CZSL_FAMILIES[split_name][1]
+    pairs = [(a, o) for a in attrs for o in SHAPES]
+    if split_name == CZSL_SPLIT_NAME:
+        rng, quota, least = np.random.default_rng([seed, 4]), {"val": len(pairs) // 5, "test": len(pairs) // 5}, (2, 2)
+    else:
+        rng, quota, least = np.random.default_rng([seed, 6]), {"val": 6, "test": 6, "open": 16}, (2, 3)
+    train, held = list(pairs), {k: [] for k in quota}
     for idx in rng.permutation(len(pairs)):
-        want = min(unseen, key=lambda s: len(unseen[s]))
-        if len(unseen[want]) >= n_unseen:
+        want = min(held, key=lambda k: len(held[k]) / quota[k])  # the least-filled bucket
+        if len(held[want]) >= quota[want]:
             break
         rest = [q for q in train if q != pairs[idx]]
-        if all(sum(q[0] == a for q in rest) >= 2 for a in PATTERNS) and \
-                all(sum(q[1] == o for q in rest) >= 2 for o in SHAPES):
-            train, unseen[want] = rest, unseen[want] + [pairs[idx]]
-    seen = {s: [train[int(i)] for i in rng.choice(len(train), n_unseen, replace=False)] for s in ("val", "test")}
-    return {"train": sorted(train), "val": sorted(seen["val"] + unseen["val"]),
-            "test": sorted(seen["test"] + unseen["test"]),
-            "unseen_val": sorted(unseen["val"]), "unseen_test": sorted(unseen["test"])}
+        if all(sum(q[0] == a for q in rest) >= least[0] for a in attrs) and \
+                all(sum(q[1] == o for q in rest) >= least[1] for o in SHAPES):
+            train, held[want] = rest, held[want] + [pairs[idx]]
+    n_seen = quota["val"]
+    seen = {s: [train[int(i)] for i in rng.choice(len(train), n_seen, replace=False)] for s in ("val", "test")}
+    return {"train": sorted(train), "val": sorted(seen["val"] + held["val"]),
+            "test": sorted(seen["test"] + held["test"]),
+            "unseen_val": sorted(held["val"]), "unseen_test": sorted(held["test"]),
+            "open_only": sorted(held.get("open", []))}
 
 
 def _write_czsl(out: Path, seed: int, size: int, per_pair: int, run: Mapper) -> dict[str, Any]:
+    """Both CZSL splits in one CSP-layout root: image folders ``<attr>_<shape>`` (pattern and colour names
+    never collide), one pair folder and metadata file per split."""
     root = out / "czsl"
-    split = czsl_pair_split(seed)
-    (root / CZSL_SPLIT_NAME).mkdir(parents=True, exist_ok=True)
-    for s in SPLITS:
-        text = "".join(f"{a} {o}\n" for a, o in split[s])
-        (root / CZSL_SPLIT_NAME / f"{s}_pairs.txt").write_text(text, encoding="utf-8")
-    meta: list[dict[str, str]] = []
-    counters: dict[tuple[str, str], int] = {}
-    for s, a, o in [(s_, a, o) for s_ in SPLITS for a, o in split[s_] for _ in range(per_pair)]:
-        k = counters[(a, o)] = counters.get((a, o), -1) + 1  # per-pair file number, unique across splits
-        meta.append({"image": f"{a}_{o}/{k:06d}.png", "attr": a, "obj": o, "set": s})
-        (root / "images" / f"{a}_{o}").mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, i, size, m["attr"], m["obj"]) for i, m in enumerate(meta)]
-    for m, png in zip(meta, run(_render_czsl, jobs)):
-        (root / "images" / m["image"]).write_bytes(png)
-    import torch  # lazily: spawned workers then start without paying for a torch import
+    summary: dict[str, Any] = {"root": str(root), "splits": {}}
+    for split_name, (family, _) in CZSL_FAMILIES.items():
+        split = czsl_pair_split(seed, split_name)
+        (root / split_name).mkdir(parents=True, exist_ok=True)
+        for s in SPLITS:
+            text = "".join(f"{a} {o}\n" for a, o in split[s])
+            (root / split_name / f"{s}_pairs.txt").write_text(text, encoding="utf-8")
+        meta: list[dict[str, str]] = []
+        counters: dict[tuple[str, str], int] = {}
+        for s, a, o in [(s_, a, o) for s_ in SPLITS for a, o in split[s_] for _ in range(per_pair)]:
+            k = counters[(a, o)] = counters.get((a, o), -1) + 1  # per-pair file number, unique across splits
+            meta.append({"image": f"{a}_{o}/{k:06d}.png", "attr": a, "obj": o, "set": s})
+            (root / "images" / f"{a}_{o}").mkdir(parents=True, exist_ok=True)
+        jobs = [(seed, i, size, m["attr"], m["obj"], family) for i, m in enumerate(meta)]
+        for m, png in zip(meta, run(_render_czsl, jobs)):
+            (root / "images" / m["image"]).write_bytes(png)
+        import torch  # lazily: spawned workers then start without paying for a torch import
 
-    torch.save(meta, root / f"metadata_{CZSL_SPLIT_NAME}.t7")
-    return {"root": str(root), "pairs": {s: split[s] for s in SPLITS},
-            "unseen_val_pairs": split["unseen_val"], "unseen_test_pairs": split["unseen_test"],
+        torch.save(meta, root / f"metadata_{split_name}.t7")
+        summary["splits"][split_name] = {
+            "pairs": {s: split[s] for s in SPLITS}, "unseen_val_pairs": split["unseen_val"],
+            "unseen_test_pairs": split["unseen_test"], "open_only_pairs": split["open_only"],
             "images": {s: sum(m["set"] == s for m in meta) for s in SPLITS}}
+    natural = summary["splits"][CZSL_SPLIT_NAME]  # the keys of the single-split summary, kept for callers
+    return {**summary, **{k: natural[k] for k in ("pairs", "unseen_val_pairs", "unseen_test_pairs", "images")}}
 
 
 def _clear(out: Path, overwrite: bool) -> None:
@@ -487,7 +520,8 @@ def generate_shapes(out: str | Path, n_train: int = 20000, n_val: int = 1000, n_
     out = Path(out)
     _clear(out, overwrite)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    total = sum(counts.values()) + n_czsl_per_pair * sum(len(czsl_pair_split(seed)[s]) for s in SPLITS)
+    total = sum(counts.values()) + n_czsl_per_pair * sum(len(czsl_pair_split(seed, name)[s])
+                                                         for name in CZSL_FAMILIES for s in SPLITS)
     if workers is None:  # a pool costs ~0.5 s to start: only worth it for thousands of images
         workers = min(2, os.cpu_count() or 1) if total >= 2000 else 1
     with tqdm(total=total, desc="shapes world", unit="img", disable=not progress) as bar, \
@@ -501,6 +535,10 @@ def generate_shapes(out: str | Path, n_train: int = 20000, n_val: int = 1000, n_
         czsl = _write_czsl(out, seed, image_size, n_czsl_per_pair, run)
     manifest = {"generator": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "images": counts,
                 "n_czsl_per_pair": n_czsl_per_pair, "czsl_images": czsl["images"],
-                "czsl_pairs": {s: [f"{a} {o}" for a, o in czsl["pairs"][s]] for s in SPLITS}}
+                "czsl_pairs": {s: [f"{a} {o}" for a, o in czsl["pairs"][s]] for s in SPLITS},
+                "czsl_splits": {name: {"images": v["images"], "open_only_pairs": [f"{a} {o}" for a, o in
+                                                                                  v["open_only_pairs"]],
+                                       **{s: [f"{a} {o}" for a, o in v["pairs"][s]] for s in SPLITS}}
+                                for name, v in czsl["splits"].items()}}
     _dump_json(out / "manifest.json", manifest)
     return {"root": str(out), **manifest, "splits": splits, "czsl": czsl}

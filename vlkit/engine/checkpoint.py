@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlkit.errors import VlkitError
-from vlkit.io import atomic_directory
+from vlkit.io import atomic_directory, file_digests, read_json_file, seal, unseal, verify_digests
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "task.safetensors"
@@ -74,12 +74,14 @@ def save_checkpoint(path: Path, task: nn.Module, optimizer: torch.optim.Optimize
         save_file(trainable_state(task), str(tmp / WEIGHTS_FILE))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
         (tmp / "world.json").write_text(json.dumps({"processes": world}))
         for r in range(world):
             rng_file = path.parent / f".rng-{path.name}-{r}.safetensors"
             if rng_file.exists():
                 rng_file.replace(tmp / f"rng_{r}.safetensors")
+        # the state, last: it records every other file's sha256 and a checksum of itself
+        files = file_digests(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
+        (tmp / STATE_FILE).write_text(json.dumps(seal({**asdict(state), "files": files}), indent=2, sort_keys=True))
 
 
 def save_rng(path: Path, rank: int) -> None:
@@ -97,10 +99,15 @@ def read_state(path: Path) -> TrainerState:
             f"{str(path)!r} is not a vlkit checkpoint (no {STATE_FILE}); pass a run folder or its "
             f"checkpoints/last or checkpoints/best folder"
         )
+    fix = "resume from another checkpoint (checkpoints/best or checkpoints/last), or train again"
+    body = unseal(read_json_file(file, CheckpointError, fix), file, fix)
+    files = body.pop("files", None)  # checkpoints written before checksums existed have none
+    if files is not None:
+        verify_digests(path, files, fix)
     try:
-        return TrainerState(**json.loads(file.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint state {str(file)!r} is corrupt: {exc}") from exc
+        return TrainerState(**body)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint state {str(file)!r} is corrupt ({exc}): {fix}") from None
 
 
 def check_compatible(state: TrainerState, task: nn.Module | None, plugin: str, model: str, source: Path) -> None:

@@ -57,6 +57,25 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
     return find_checkpoint(value, "last")
 
 
+LOGS = ("train_log.jsonl", "eval_log.jsonl")
+
+
+def _set_aside_old_logs(run_dir: Path, say=print) -> list[Path]:
+    """A fresh run in a folder whose earlier run left logs but no checkpoint (killed before its first one)
+    starts its own logs; the old ones are kept as ``<name>.prev-<time>.jsonl``, never appended to."""
+    moved = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in LOGS:
+        old = run_dir / name
+        if old.is_file():
+            new = old.with_name(f"{old.stem}.prev-{stamp}{old.suffix}")
+            os.replace(old, new)
+            moved.append(new)
+    if moved:
+        say(f"{run_dir} held logs of an earlier run without a checkpoint: kept as {', '.join(p.name for p in moved)}")
+    return moved
+
+
 def build(cfg: DictConfig, plugin: Plugin):
     """Backbone, data and task for a config (seeded, so two builds are identical)."""
     set_seed(cfg.train.seed)
@@ -95,6 +114,7 @@ def train(cfg: DictConfig, plugin: Plugin) -> dict[str, Any]:
         backbone, data, task = build(cfg, plugin)
     if acc.is_main_process and resume is None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _set_aside_old_logs(run_dir, acc.print)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     acc.print(f"run folder: {run_dir}")
     trainer = Trainer(cfg, task, data, run_dir, acc)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import signal
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
@@ -110,7 +112,8 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None) -> TrainerState:
         cfg = self.cfg
-        train_dl = self._loader(_check_dataset(self.data.train, "train"), cfg.train.batch_size, shuffle=True)
+        self._train_set = SeededItems(_check_dataset(self.data.train, "train"), cfg.train.seed)
+        train_dl = self._loader(self._train_set, cfg.train.batch_size, shuffle=True)
         params = [p for p in self.task.parameters() if p.requires_grad]
         if not params:
             reason = getattr(self.task, "evaluation_only", None)
@@ -147,7 +150,7 @@ class Trainer:
         self._clock = (t0, time.process_time())
         while st.step < total:
             train_dl.set_epoch(st.epoch)
-            set_dataset_epoch(self.data.train, st.epoch)
+            set_dataset_epoch(self._train_set, st.epoch)
             loader = self.acc.skip_first_batches(train_dl, st.batch_in_epoch) if st.batch_in_epoch else train_dl
             for batch in loader:
                 loss, logs = self._micro_step(batch, optimizer)
@@ -279,6 +282,38 @@ class Trainer:
         model.train(was_training)
         merged = {k: torch.cat(v) for k, v in outputs.items()}
         return model.compute_metrics(merged, split)
+
+
+class SeededItems(Dataset):
+    """The training set, each item made under global RNGs (torch, numpy, random) seeded by (seed, epoch,
+    index) and restored afterwards: random augmentations (a random crop, dropped words) then depend only on
+    which item of which epoch is made, never on how far the loader has prefetched, so a resume from the
+    middle of an epoch replays them exactly, and the training step's own RNG stream is left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        inner = self.dataset
+        if inner is not None:
+            set_dataset_epoch(inner, epoch)
+
+    def __getitem__(self, index: int) -> Any:
+        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+        saved = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(state[0]))
+                random.seed(int(state[1]))
+                np.random.seed(int(state[1]))
+                return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
 
 
 def set_dataset_epoch(dataset: Any, epoch: int) -> None:
