@@ -244,7 +244,7 @@ class Backbone(nn.Module):
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids [N, context_length]. A text longer than the context is cut (its end is dropped) with a
-        TextTruncatedWarning naming how many were; ``truncated(texts)`` says which."""
+        TextTruncatedWarning; ``truncated(texts)`` says which texts were."""
         if isinstance(texts, str):
             texts = [texts]
         tokens = self._tokenizer(list(texts), context_length=self.context_length)
