@@ -55,9 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _vlkit(argv: list[str], log: Path) -> None:
     """One vlkit command in a one-thread subprocess; its output goes to ``log``; fails loudly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # the installed console script (`python -m vlkit` run from a source checkout would import the checkout's
+    # vlkit/ instead of the installed package; PYTHONSAFEPATH keeps the fallback from doing so)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
+    script = Path(sys.executable).with_name("vlkit")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "vlkit"]
     with open(log, "w") as fh:
-        done = subprocess.run([sys.executable, "-m", "vlkit", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run([*cmd, *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
         raise RuntimeError(f"`vlkit {' '.join(argv)}` failed (exit {done.returncode}); see {log}")
 
