@@ -43,7 +43,7 @@ def _records_of(path: Path, kind: str):
     try:
         yield
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        if isinstance(e, DataFormatError) or isinstance(e, ImageLoadError):
+        if isinstance(e, (DataFormatError, ImageLoadError)):
             raise
         raise DataFormatError(f"{path} is not a valid COCO {kind} file ({type(e).__name__}: {str(e)[:120]}); "
                               f"re-download or regenerate it") from None

@@ -298,9 +298,7 @@ class SeededItems(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        inner = self.dataset
-        if inner is not None:
-            set_dataset_epoch(inner, epoch)
+        set_dataset_epoch(self.dataset, epoch)
 
     def __getitem__(self, index: int) -> Any:
         state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
