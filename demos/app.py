@@ -104,6 +104,7 @@ class SegmentTool:
     run: Callable[[Image.Image, str, float], list[Any]]
     overlay: Callable[[Image.Image, Sequence[Any]], Image.Image]
     mode: str
+    threshold: float = 0.5  # the slider's start: a trained run's F1-best score threshold on val
 
 
 def segment_tool(segmenter_or_backbone: Any) -> SegmentTool:
@@ -113,7 +114,7 @@ def segment_tool(segmenter_or_backbone: Any) -> SegmentTool:
     if isinstance(segmenter_or_backbone, pkg.Segmenter):
         seg = segmenter_or_backbone
         mode = "trained ufo head" if seg.head is not None else "training-free (settings of the ufo run)"
-        return SegmentTool(seg.backbone, lambda im, q, t: seg(im, q, t), overlay, mode)
+        return SegmentTool(seg.backbone, lambda im, q, t: seg(im, q, t), overlay, mode, round(seg.threshold, 2))
     bb = segmenter_or_backbone
     return SegmentTool(bb, lambda im, q, t: pkg.segment(im, q, bb, None, t), overlay,
                        "training-free (MaskCLIP dense features against the query's text embedding)")
@@ -339,12 +340,12 @@ def _search_tab(h: Handlers, k: int, queries: Sequence[str], images: Sequence[st
     caption_btn.click(_guarded(h.image_to_text, no_rows), [image, topk], [captions, status], api_name="image_to_text")
 
 
-def _segment_tab(h: Handlers, examples: Sequence[tuple[str, str]]) -> None:
+def _segment_tab(h: Handlers, examples: Sequence[tuple[str, str]], start: float = 0.5) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             image = image_input(label="Image", elem_id="segment-image", height=300)
             query = gr.Textbox(label="What to find", placeholder="a red circle", elem_id="segment-query")
-            threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold",
+            threshold = gr.Slider(0.0, 1.0, value=start, step=0.01, label="Score threshold",
                                   elem_id="segment-threshold")
             button = gr.Button("Segment", variant="primary", elem_id="segment-button")
         with gr.Column(scale=1):
@@ -393,5 +394,6 @@ def build_app(retriever: Retriever | None, segmenter_or_backbone: Any = None, *,
             with gr.Tab("Search", id="search", elem_id="tab-search"):
                 _search_tab(handlers, k, queries, images)
             with gr.Tab("Segmentation", id="segment", elem_id="tab-segment"):
-                _segment_tab(handlers, [(p, q) for p, (_, q) in zip(images, examples)])
+                _segment_tab(handlers, [(p, q) for p, (_, q) in zip(images, examples)],
+                             tool.threshold if tool is not None else 0.5)
     return app

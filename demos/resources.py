@@ -153,6 +153,18 @@ def example_queries(world: Path, coco: Path | None) -> list[str]:
     return queries
 
 
+def default_segmenter(backbone: Any) -> Any:
+    """The head shipped with vlkit when ``backbone`` is the model it was trained on; else the backbone alone
+    (the segmentation tab then runs the training-free baseline)."""
+    from vlkit.demos.app import ufo_package
+    from vlkit.errors import VlkitError
+
+    try:
+        return ufo_package().Segmenter.shipped(backbone=backbone)
+    except VlkitError:
+        return backbone
+
+
 def prepare_app(opts: Any) -> Any:
     """Everything `vlkit demo` needs, loaded (or built once and cached), as an unlaunched app."""
     from vlkit.commands import load_model_arg
@@ -168,7 +180,7 @@ def prepare_app(opts: Any) -> Any:
         retriever, index_error = open_index(opts.index, backbone)
     else:
         retriever, index_error = default_index(backbone, world, coco), ""
-    segmenter: Any = ufo_package().Segmenter.from_run(opts.ufo) if opts.ufo else backbone
+    segmenter: Any = ufo_package().Segmenter.from_run(opts.ufo) if opts.ufo else default_segmenter(backbone)
     examples = shapes_examples(world) + (coco_examples(coco) if coco is not None else [])
     return build_app(retriever, segmenter, index_error=index_error, examples=examples,
                      queries=example_queries(world, coco), k=opts.k)

@@ -9,7 +9,12 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from vlkit.metrics.coco_eval import coco_evaluate, instances_to_coco_results, write_results
+from vlkit.metrics.coco_eval import (
+    coco_evaluate,
+    f1_operating_point,
+    instances_to_coco_results,
+    write_results,
+)
 from vlkit.metrics.segmentation import MeanIoU, binary_iou, confusion_matrix, miou
 from vlkit_ufo.head import masks_to_boxes
 
@@ -118,6 +123,27 @@ def test_prediction_on_crowd_region_is_not_a_false_positive():
     # control: without the crowd annotation that same prediction is a ranked-first false positive
     without = _coco([_ann(1, 1, 1, gt_obj)])
     assert coco_evaluate(without, preds, iou_types=("segm",))["segm/AP"] < 0.9
+
+
+def test_class_agnostic_evaluation_ignores_the_category():
+    coco = _coco([_ann(i + 1, img, cat, m) for i, (img, cat, m) in enumerate(_gt_masks())])
+    swapped = [{**r, "category_id": 3 - r["category_id"]} for r in _perfect_results()]  # right masks, wrong names
+    assert coco_evaluate(coco, swapped, iou_types=("segm",))["segm/AP"] == 0.0
+    assert coco_evaluate(coco, swapped, iou_types=("segm",), use_cats=False)["segm/AP"] == pytest.approx(1.0)
+
+
+def test_f1_operating_point_hand_case():
+    coco = _coco([_ann(i + 1, img, cat, m) for i, (img, cat, m) in enumerate(_gt_masks())])
+    hits = _perfect_results()  # 3 true positives at score 0.9
+    hits[2]["score"] = 0.4  # the third one scores low
+    fp = instances_to_coco_results(1, _square(0, 12, 5)[None], [0.6], 1)  # a false positive between them
+    # by score: TP 0.9, TP 0.9, FP 0.6, TP 0.4; 3 gts. F1 = 2TP / (detections + gts):
+    # cut at 0.9 -> 4/5 = 0.8; at 0.6 -> 4/6; at 0.4 -> 6/7 = 0.857 (best)
+    f1, threshold = f1_operating_point(coco, hits + fp)
+    assert f1 == pytest.approx(6 / 7) and threshold == pytest.approx(0.4)
+    fp[0]["score"] = 0.3  # now below every TP: keep the three TPs, F1 = 1 at 0.4
+    assert f1_operating_point(coco, hits + fp) == (pytest.approx(1.0), pytest.approx(0.4))
+    assert f1_operating_point(coco, []) == (0.0, 1.0)
 
 
 def test_miou_hand_confusion_matrix():

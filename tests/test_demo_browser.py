@@ -19,7 +19,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 TIMEOUT_MS = 30_000
-SEGMENT_EXAMPLE = 1  # "yellow triangle": an object the trained tiny backbone finds without a trained head
+SEGMENT_EXAMPLE = 1  # a yellow and a blue triangle and a purple cross: queried by the shape name alone
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
@@ -32,6 +32,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from vlkit.demos.app import build_app
+    from vlkit.demos.resources import default_segmenter
     from vlkit.demos.testing import make_tiny_demo, serve
     from vlkit.retriever import Retriever
 
@@ -39,7 +40,8 @@ def server(tmp_path_factory):
     tiny = make_tiny_demo(root, n_images=int(os.environ.get("VLKIT_DEMO_IMAGES", "8")),
                           backbone=os.environ.get("VLKIT_DEMO_BACKBONE") or None)
     retriever = Retriever.load(tiny.index, progress=False)
-    app = build_app(retriever, retriever.backbone, examples=tiny.examples)
+    # the shipped head when the backbone is the shipped one (as `vlkit demo`), else training-free
+    app = build_app(retriever, default_segmenter(retriever.backbone), examples=tiny.examples)
     url = serve(app)
     try:
         yield url, tiny
@@ -101,6 +103,7 @@ def test_search_tab_shows_a_gallery_and_captions(page, server, tmp_path):
 def test_segmentation_tab_shows_an_overlay(page, server, tmp_path):
     _, tiny = server
     image, query = tiny.examples[SEGMENT_EXAMPLE]
+    query = query.split()[-1]  # the category name: every instance of it
     page.get_by_role("tab", name="Segmentation").click()
     page.locator("#segment-image input[type=file]").set_input_files(image)
     page.locator("#segment-image img").first.wait_for(state="visible")  # the upload finished

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -117,7 +118,7 @@ def test_cli_help_shows_the_defaults_the_plugin_yaml_sets(capsys):
 
 
 def test_console_script_lists_plugins_from_another_directory(tmp_path):
-    exe = sys.executable.replace("python", "vlkit")
+    exe = str(Path(sys.executable).with_name("vlkit"))  # the console script beside this interpreter
     out = subprocess.run([exe, "plugins"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in out.splitlines()][:3] == ["csp", "retrieval", "ufo"]
 

@@ -1,21 +1,14 @@
-"""Tests for the UFO building blocks: mask assembly, decoder, post-processing, losses and matching."""
+"""Tests for the UFO building blocks: mask assembly, the anchored head, matrix NMS, losses and matching."""
 
 import math
 
 import pytest
 import torch
-from torch import nn
 
-from vlkit_ufo.head import (
-    QueryDecoder,
-    assemble_masks,
-    masks_to_boxes,
-    predict,
-    semantic_labels,
-    training_free_logits,
-)
-from vlkit_ufo.losses import LossWeights, dice_loss, score_loss, sigmoid_focal_loss, ufo_loss
-from vlkit_ufo.matching import hungarian_match
+from vlkit_ufo.anchored import AnchoredHead, anchor_centres, matrix_nms
+from vlkit_ufo.head import assemble_masks, masks_to_boxes, training_free_logits
+from vlkit_ufo.losses import dice_loss, objectness_focal_loss, sigmoid_focal_loss
+from vlkit_ufo.matching import anchor_match, mask_centres
 
 # ---------------------------------------------------------------- assemble_masks
 
@@ -83,7 +76,7 @@ def test_training_free_logits_is_scaled_cosine():
         training_free_logits(torch.ones(2, 3), feats)
 
 
-# ---------------------------------------------------------------- boxes / predict
+# ---------------------------------------------------------------- boxes
 
 
 def test_masks_to_boxes_hand_cases():
@@ -95,29 +88,6 @@ def test_masks_to_boxes_hand_cases():
     expected = torch.tensor([[2, 1, 5, 3], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 6, 5]], dtype=torch.float32)
     torch.testing.assert_close(boxes, expected)
     assert valid.tolist() == [True, True, False, True]
-
-
-def test_predict_rescores_drops_empty_and_sorts():
-    logits = torch.full((3, 4, 4), -10.0)
-    logits[0, :2, :2] = math.log(3)  # p = 0.75 on 4 pixels
-    logits[2, 1:, 1:] = 10.0  # ~1.0 on 9 pixels
-    obj = torch.tensor([0.0, 5.0, -math.log(3)])  # sigmoid: 0.5, ~1 (but empty mask), 0.25
-    inst = predict(logits, obj)
-    # slot 0: 0.5 * 0.75 = 0.375; slot 2: 0.25 * ~1 = 0.25; slot 1 dropped (empty mask)
-    assert inst.slots.tolist() == [0, 2]
-    torch.testing.assert_close(inst.scores, torch.tensor([0.375, 0.25]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(inst.boxes, torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 4.0, 4.0]]))
-    assert inst.masks.dtype == torch.bool and inst.masks[0].sum() == 4
-    assert len(predict(logits, obj, top_k=1)) == 1
-    assert len(predict(logits, obj, score_threshold=0.3)) == 1
-
-
-def test_semantic_labels_argmax_and_background():
-    logits = torch.tensor([[[2.0, -2.0]], [[0.0, -3.0]]])  # [Q=2, 1, 2]
-    assert semantic_labels(logits).tolist() == [[0, 0]]
-    # class 1 weighted up: pixel 0: 0.88*1 vs 0.5*2 -> 1
-    assert semantic_labels(logits, scores=torch.tensor([1.0, 2.0])).tolist() == [[1, 0]]
-    assert semantic_labels(logits, bg_threshold=0.5).tolist() == [[0, 255]]
 
 
 # ---------------------------------------------------------------- losses
@@ -149,118 +119,115 @@ def test_sigmoid_focal_loss_hand_values():
     torch.testing.assert_close(sigmoid_focal_loss(logits, targets), torch.tensor((m0 + m1) / 2))
 
 
-def test_score_loss_hand_values():
-    # BCE(0, 1) = ln2 ; BCE(ln3, 0) = -ln(1 - 0.75) = ln4 -> mean 1.5 ln2 ; neg weight 0.5 -> (ln2 + 0.5 ln4)/2 = ln2
-    obj, matched = torch.tensor([0.0, math.log(3)]), torch.tensor([True, False])
-    torch.testing.assert_close(score_loss(obj, matched), torch.tensor(1.5 * math.log(2)))
-    torch.testing.assert_close(score_loss(obj, matched, neg_weight=0.5), torch.tensor(math.log(2)))
+def test_objectness_focal_loss_sums_valid_terms_over_positives():
+    # anchor 0: logit 0, t=1: 0.25 * 0.5^2 * ln2 ; anchor 1: logit 0, t=0: 0.75 * 0.5^2 * ln2 ;
+    # anchor 2 would cost a lot (logit 5, t=0) but is not valid. One positive -> divide by 1.
+    ln2 = math.log(2)
+    loss = objectness_focal_loss(torch.tensor([0.0, 0.0, 5.0]), torch.tensor([1.0, 0.0, 0.0]),
+                                 torch.tensor([True, True, False]))
+    torch.testing.assert_close(loss, torch.tensor(0.25 * ln2))
+    # no positive at all: divided by 1, not 0
+    none = objectness_focal_loss(torch.zeros(2), torch.zeros(2), torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(none, torch.tensor(2 * 0.75 * 0.25 * ln2))
 
 
-# ---------------------------------------------------------------- matching
+# ---------------------------------------------------------------- anchors and matching
 
 
-def _three_gt_masks(size: int = 16) -> torch.Tensor:
-    gt = torch.zeros(3, size, size, dtype=torch.bool)
-    gt[0, :8, :8] = True
-    gt[1, 8:, :4] = True
-    gt[2, 4:12, 10:] = True
-    return gt
+def test_anchor_centres_and_mask_centres_hand_values():
+    torch.testing.assert_close(anchor_centres(2, 4), torch.tensor(
+        [[0.125, 0.25], [0.375, 0.25], [0.625, 0.25], [0.875, 0.25],
+         [0.125, 0.75], [0.375, 0.75], [0.625, 0.75], [0.875, 0.75]]))
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 0:2, 0:2] = True  # pixel centres 0.5, 1.5 -> mean 1.0 -> 1/8
+    masks[1, 4:8, 2:3] = True  # x = 2.5/8, y = 6/8
+    torch.testing.assert_close(mask_centres(masks), torch.tensor([[0.125, 0.125], [2.5 / 8, 0.75], [0.5, 0.5]]))
 
 
-def test_hungarian_recovers_known_permutation():
-    gt = _three_gt_masks()
-    pred = torch.full((5, 16, 16), -5.0)
-    for slot, g in [(3, 0), (0, 1), (4, 2)]:  # slots 1 and 2 predict nothing
-        pred[slot][gt[g]] = 5.0
-    obj = torch.zeros(5)
-    pi, gi = hungarian_match(pred, obj, gt)
-    assert pi.tolist() == [0, 3, 4] and gi.tolist() == [1, 0, 2]
-    # same answer from 512 shared random points, and from half-resolution predictions
-    pi, gi = hungarian_match(pred, obj, gt, num_points=512, generator=torch.Generator().manual_seed(0))
-    assert pi.tolist() == [0, 3, 4] and gi.tolist() == [1, 0, 2]
-    pi, gi = hungarian_match(pred[:, ::2, ::2], obj, gt)
-    assert pi.tolist() == [0, 3, 4] and gi.tolist() == [1, 0, 2]
+def test_anchor_match_takes_the_nearest_anchors_without_sharing():
+    anchors = anchor_centres(4, 4)  # cell centres at 1/8, 3/8, 5/8, 7/8
+    gt = torch.zeros(2, 16, 16, dtype=torch.bool)
+    gt[0, 0:4, 0:4] = True  # centre (1/8, 1/8) = anchor 0; next nearest (L1 0.25): anchors 1 and 4
+    gt[1, 12:16, 12:16] = True  # centre (7/8, 7/8) = anchor 15; then 11 and 14
+    ai, gi = anchor_match(anchors, gt, repeats=3)
+    pairs = sorted(zip(ai.tolist(), gi.tolist()))
+    assert pairs == [(0, 0), (1, 0), (4, 0), (11, 1), (14, 1), (15, 1)]
+    # two gts at the same place split the nearest anchors instead of sharing one
+    same = torch.stack([gt[0], gt[0]])
+    ai, gi = anchor_match(anchors, same, repeats=1)
+    assert sorted(gi.tolist()) == [0, 1] and len(set(ai.tolist())) == 2 and 0 in ai.tolist()
+    empty_a, empty_g = anchor_match(anchors, torch.zeros(0, 16, 16, dtype=torch.bool))
+    assert empty_a.numel() == 0 and empty_g.numel() == 0
 
 
-def test_hungarian_empty_gt_and_objectness_tiebreak():
-    pi, gi = hungarian_match(torch.zeros(4, 8, 8), torch.zeros(4), torch.zeros(0, 8, 8, dtype=torch.bool))
-    assert pi.numel() == 0 and gi.numel() == 0
-    # identical masks: the slot with the higher objectness wins
-    gt = _three_gt_masks()[:1]
-    pred = torch.where(gt, 5.0, -5.0).expand(3, -1, -1).clone()
-    pi, gi = hungarian_match(pred, torch.tensor([-3.0, 4.0, 0.0]), gt)
-    assert pi.tolist() == [1] and gi.tolist() == [0]
+def test_matrix_nms_decays_duplicates_only():
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[0, :8] = True
+    masks[1, :8] = True  # a duplicate of mask 0 (IoU 1), lower score
+    masks[2, 8:12] = True  # disjoint
+    scores = torch.tensor([0.9, 0.8, 0.5])
+    out = matrix_nms(masks, scores, sigma=2.0)
+    torch.testing.assert_close(out, torch.tensor([0.9, 0.8 * math.exp(-2.0), 0.5]))
+    # half overlap (IoU 1/3): decay exp(-2/9); the input order does not matter
+    masks[1:] = False
+    masks[1, 4:12] = True
+    masks[2, 12:16] = True
+    out = matrix_nms(masks[[2, 1, 0]], scores[[2, 1, 0]], sigma=2.0)
+    torch.testing.assert_close(out, torch.tensor([0.5, 0.8 * math.exp(-2 / 9), 0.9]))
+    batched = matrix_nms(masks[None].expand(2, -1, -1), scores[None].expand(2, -1))
+    torch.testing.assert_close(batched[0], batched[1])
 
 
-# ---------------------------------------------------------------- decoder + loss
+# ---------------------------------------------------------------- the anchored head
 
 
-def test_query_decoder_shapes():
-    dec = QueryDecoder(embed_dim=32, num_slots=5, width=32, num_heads=4)
-    out = dec(torch.randn(2, 32), torch.randn(2, 4, 3, 32))
-    assert out["obj_logits"].shape == (2, 5)
-    assert out["mask_emb"].shape == (2, 5, 16, 32)
-    assert out["mask_logits"].shape == (2, 5, 16, 12)
-    assert out["sem_emb"].shape == (2, 16, 32)
-    assert out["sem_logits"].shape == (2, 16, 12)
-    assert dec(torch.randn(1, 32), torch.randn(1, 4, 4, 32), out_size=(20, 20))["mask_logits"].shape == (1, 5, 20, 20)
-    with pytest.raises(ValueError):
-        dec(torch.randn(2, 16), torch.randn(2, 4, 4, 32))
+def test_position_code_dot_product_is_a_distance_kernel():
+    head = AnchoredHead(embed_dim=16, width=16, pos_dim=512, pos_sigma=0.1)
+    a = torch.tensor([[0.5, 0.5]])
+    pts = torch.tensor([[0.5, 0.5], [0.55, 0.5], [0.7, 0.5], [0.9, 0.9]])
+    k = (head.position_code(a) * head.position_code(pts)).sum(-1)
+    expected = torch.exp(-((pts - a) ** 2).sum(-1) / (2 * 0.1**2))
+    torch.testing.assert_close(k, expected, atol=0.12, rtol=0)  # random features: approximate
+    assert k[0] > k[1] > k[2] > k[3]
 
 
-def test_direct_attention_equals_nn_multihead_attention():
-    from vlkit_ufo.head import _attention
-
+def test_anchored_head_shapes_and_position_bump():
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
-    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    torch.testing.assert_close(_attention(mha, q, kv + 1, kv), mha(q, kv + 1, kv, need_weights=False)[0])
-    torch.testing.assert_close(_attention(mha, q, q, q), mha(q, q, q, need_weights=False)[0])
-
-
-def test_candidates_decode_exactly_the_slots_that_can_pass_the_threshold():
-    torch.manual_seed(0)
-    dec = QueryDecoder(embed_dim=32, num_slots=6, width=32, num_heads=4).eval()
-    query, feats = torch.randn(1, 32), torch.randn(1, 4, 3, 32)
+    head = AnchoredHead(embed_dim=32, width=16, pos_dim=64, pos_sigma=0.1).eval()
+    feats, images = torch.randn(2, 4, 4, 32), torch.randn(2, 3, 32, 32)
+    content, tokens = head.image_features(feats, images)
+    assert content.shape == (2, 8, 8, 16 + 64) and tokens.shape == (2, 16, 16)
+    qtok = head.query_tokens(tokens, torch.randn(2, 3, 32))
+    assert qtok.shape == (2, 3, 16, 16) and head.objectness(qtok).shape == (2, 3, 16)
+    queries = torch.randn(3, 32)
+    logits, scores, sem = head.instances(queries, feats, images, top_k=5)
+    assert logits.shape == (2, 3, 5, 32, 32) and scores.shape == (2, 3, 5) and sem.shape == (2, 3, 32, 32)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    # min_score decodes only the anchors that can pass it: every candidate above it is unchanged
     with torch.no_grad():
-        full = dec(query, feats)
-        p = full["obj_logits"][0].sigmoid()
-        t = float(p.median())
-        idx, obj, logits = dec.candidates(query, feats, min_objectness=t)
-    assert idx.tolist() == (p > t).nonzero().squeeze(1).tolist() and 0 < len(idx) < 6
-    torch.testing.assert_close(obj, full["obj_logits"][0, idx])
-    torch.testing.assert_close(logits, full["mask_logits"][0, idx])
-    # every instance predict() keeps at threshold t comes from a decoded slot
-    kept = predict(full["mask_logits"][0], full["obj_logits"][0], score_threshold=t)
-    assert set(kept.slots.tolist()) <= set(idx.tolist())
-    with pytest.raises(ValueError, match="one image"):
-        dec.candidates(torch.randn(2, 32), torch.randn(2, 4, 3, 32))
-
-
-def test_ufo_loss_falls_on_one_synthetic_example():
-    torch.manual_seed(0)
-    dec = QueryDecoder(embed_dim=32, num_slots=4, width=32, num_heads=4)
-    feats, query = torch.randn(1, 4, 4, 32), torch.randn(1, 32)
-    targets = [{"masks": _three_gt_masks()[:2]}]
-    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        out = ufo_loss(dec(query, feats), targets)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
-    assert out["num_matched"].item() == 2
-    assert set(out) >= {"loss", "loss_focal", "loss_dice", "loss_obj", "loss_sem", "num_matched"}
-    assert losses[-1] < 0.5 * losses[0], losses[::8]
-
-
-def test_ufo_loss_handles_no_gt_and_points():
-    dec = QueryDecoder(embed_dim=16, num_slots=3, width=16, num_heads=2)
-    outputs = dec(torch.randn(2, 16), torch.randn(2, 2, 2, 16))
-    targets = [{"masks": torch.zeros(0, 8, 8, dtype=torch.bool)}, {"masks": _three_gt_masks(8)[:1]}]
-    out = ufo_loss(outputs, targets, LossWeights(), num_points=32, gt_repeats=2, generator=torch.Generator().manual_seed(0))
-    assert out["num_matched"].item() == 2  # one gt repeated twice, image 0 has none
-    assert torch.isfinite(out["loss"])
-    out["loss"].backward()
-    assert all(p.grad is not None for p in dec.parameters() if p.requires_grad)
+        head.obj_head.weight.mul_(3.0)  # spread the objectness so a threshold falls between anchors
+        head.obj_head.bias.zero_()
+    one_q, one_f, one_i = queries[:1], feats[:1], images[:1]
+    obj = head.objectness(head.query_tokens(head.image_features(one_f, one_i)[1], one_q[None]))
+    top = obj.sigmoid().flatten().topk(5).values
+    assert 0.01 < float(top[2]) < float(top[1]) < 0.99
+    t = float(top[1] + top[2]) / 2  # two anchors can pass
+    full, full_scores, _ = head.instances(one_q, one_f, one_i, top_k=5)
+    few, few_scores, none = head.instances(one_q, one_f, one_i, top_k=5, min_score=t, semantic=False)
+    assert none is None and few.shape[2] == 2
+    torch.testing.assert_close(few, full[:, :, :2])
+    assert (full_scores[..., 2:] <= t).all()
+    torch.testing.assert_close(few_scores[few_scores > t], full_scores[full_scores > t])
+    # with the content part of the embeddings silenced, a mask is the anchor's position bump: it peaks
+    # in the anchor's own cell
+    with torch.no_grad():
+        head.mask_head.weight.zero_()
+        head.mask_head.bias.zero_()
+        code = head.grid_code(4, 4, qtok)[5:6]  # the anchor at row 1, col 1 -> pixels 8..15
+        torch.testing.assert_close(code, head.position_code(anchor_centres(4, 4)[5:6]))
+        emb = head.mask_embeddings(qtok[:1, 0, 5:6], code)
+        m = head.masks(content[:1], emb, (32, 32))[0, 0]
+    y, x = divmod(int(m.argmax()), 32)
+    assert 8 <= y < 16 and 8 <= x < 16
+    with pytest.raises(ValueError):
+        head.image_features(torch.randn(2, 4, 4, 8), images)

@@ -74,8 +74,8 @@ def test_plugin_loads_by_name_and_composes_its_config():
     assert cfg.model.name == "cached:vlkit-tiny-shapes" and cfg.ufo.method == "head"
     assert cfg.train.best_metric == "segm/AP"
     # model=... and experiments still choose the backbone (the plugin selects a model option, not a name)
-    _, cfg = resolve_config(["plugin=ufo", "model=tiny-test", "ufo.num_slots=5", "ufo.dense_mode=clearclip"])
-    assert cfg.model.name == "vlkit-tiny-test" and cfg.ufo.num_slots == 5 and cfg.ufo.dense_mode == "clearclip"
+    _, cfg = resolve_config(["plugin=ufo", "model=tiny-test", "ufo.top_k=5", "ufo.dense_mode=clearclip"])
+    assert cfg.model.name == "vlkit-tiny-test" and cfg.ufo.top_k == 5 and cfg.ufo.dense_mode == "clearclip"
     _, cfg = resolve_config(["plugin=ufo", "experiment=smoke"])
     assert cfg.model.name == "vlkit-tiny-test"
     with pytest.raises(ConfigError, match="ufo.num_slot"):
@@ -87,17 +87,34 @@ def test_bad_choice_fails_before_any_work_naming_the_key(world):
         _build(world, "ufo.method=segformer")
 
 
-def test_training_items_hold_queries_masks_and_negatives(world):
+def test_training_items_hold_every_query_of_an_image_with_its_masks(world):
     _, data, _ = _build(world)
     vocab = data.info["vocab"]
     assert vocab.texts[:6] == ["circle", "square", "triangle", "star", "cross", "ring"]
     assert any(" " in t for t in vocab.texts[6:])  # 'red circle'-style phrases from the 'color' key
-    item = data.train[0]
-    assert item["image"].shape == (3, 32, 32) and item["masks"].shape[-2:] == (32, 32)
-    sizes = [len(data.train[i]["masks"]) for i in range(len(data.train))]
-    assert min(sizes) == 0 and max(sizes) >= 1  # negatives (empty targets) and positives
+    coco = data.info["coco"]["train"]
+    for index in range(6):
+        item = data.train[index]
+        queries = item["queries"].tolist()
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[int(item["image_id"])]))
+        present = {vocab.category_index(a["category_id"]) for a in anns}
+        # every category name is asked (5 absent <= negatives_per_image), each once
+        assert sorted(q for q in queries if q < 6) == list(range(6)) and len(set(queries)) == len(queries)
+        assert item["image"].shape == (3, 32, 32) and item["masks"].shape == (len(anns), 32, 32)
+        # mask m answers query q exactly when q is its category or its colour phrase
+        for m, a in enumerate(sorted(anns, key=lambda a: a["id"])):
+            answered = {vocab.texts[queries[j]] for j in item["mask_query"][m].nonzero().flatten().tolist()}
+            name = vocab.texts[vocab.category_index(a["category_id"])]
+            assert answered == {name, f"{a['color']} {name}"}
+        # one wrong-colour phrase of a present category: a query no mask answers
+        phrases = [q for q in queries if q >= 6]
+        unanswered = [q for j, q in enumerate(queries) if not item["mask_query"][:, j].any()]
+        assert len([q for q in phrases if q in unanswered]) == 1
+        assert {vocab.category_index(a["category_id"]) for a in anns} == present
     batch = data.collate([data.train[i] for i in range(6)])
-    assert batch["masks"].shape[:2] == (6, max(sizes[:6])) and batch["num_masks"].tolist() == sizes[:6]
+    n_q = max(len(data.train[i]["queries"]) for i in range(6))
+    assert batch["queries"].shape == (6, n_q) and batch["mask_query"].shape[2] == n_q
+    assert (batch["queries"] == -1).any() or all(len(data.train[i]["queries"]) == n_q for i in range(6))
 
 
 def test_a_few_training_steps_lower_the_loss(world):
@@ -134,7 +151,7 @@ def _ground_truth_predictor(task):
 
     def predict(batch):
         masks, cats, crowd, n = batch["masks"], batch["mask_cat"], batch["iscrowd"], batch["num_masks"]
-        q, k, e = task.num_classes, task.cfg.num_slots, masks.shape[-1]
+        q, k, e = task.num_classes, task.cfg.top_k, masks.shape[-1]
         out, scores = torch.zeros(len(n), q, k, e, e, dtype=torch.bool), torch.zeros(len(n), q, k)
         for b in range(len(n)):
             used = [0] * q
@@ -180,27 +197,39 @@ def test_ground_truth_predictions_score_ap_one(world, crowd_world, which):
 def test_crowd_regions_are_ignored_not_targets(crowd_world):
     _, data, task = _build(crowd_world)
     coco = data.info["coco"]["train"]
-    crowd_id = next(a["id"] for a in coco.anns.values() if a["iscrowd"])
-    items = [it for it in data.train.items if crowd_id in it.crowd_ids]
-    assert items and all(crowd_id not in it.ann_ids for it in data.train.items)
-    index = data.train.items.index(items[0])
+    crowd = next(a for a in coco.anns.values() if a["iscrowd"])
+    index = coco.getImgIds().index(crowd["image_id"])  # the shapes world lists images in id order
     sample = data.train[index]
-    assert sample["ignore"].any() and sample["ignore"].shape == (32, 32)
-    # the loss passes no gradient inside the ignore region, and does outside it
+    assert int(sample["image_id"]) == crowd["image_id"]
+    vocab = data.info["vocab"]
+    name = vocab.texts[vocab.category_index(crowd["category_id"])]
+    j = [vocab.category_of(q) for q in sample["queries"].tolist()].index(name)
+    assert sample["ignore"][j].any() and sample["ignore"].shape[1:] == (32, 32)
+    # a crowd region is never a target mask, and ignores only the queries about its category
+    assert len(sample["masks"]) == len(coco.getAnnIds(imgIds=[crowd["image_id"]], iscrowd=False))
+    others = [k for k, q in enumerate(sample["queries"].tolist()) if vocab.category_of(q) != name]
+    assert not sample["ignore"][others].any()
+    # anchors whose centre lies in the ignore region get no objectness gradient for that query; others do
     held = {}
-    decoder_forward = task.decoder.forward
+    objectness = task.decoder.objectness
 
     def keep_logits(*args, **kwargs):
-        out = decoder_forward(*args, **kwargs)
-        out["sem_logits"].retain_grad()  # the semantic term covers every pixel, with or without instances
-        held.update(out)
+        out = objectness(*args, **kwargs)
+        out.retain_grad()
+        held["obj"] = out
         return out
 
-    task.decoder.forward = keep_logits
+    task.decoder.objectness = keep_logits
     task.train()
     task(data.collate([sample]))["loss"].backward()
-    grad = held["sem_logits"].grad[0].abs()
-    assert float(grad[sample["ignore"]].sum()) == 0.0 and float(grad[~sample["ignore"]].sum()) > 0
+    grad = held["obj"].grad[0, j].abs()  # [anchors]
+    from vlkit_ufo.anchored import anchor_centres
+
+    h = int(len(grad) ** 0.5)
+    xy = (anchor_centres(h, h) * 32).long()
+    inside = sample["ignore"][j][xy[:, 1], xy[:, 0]]
+    assert inside.any() and (~inside).any()
+    assert float(grad[inside].sum()) == 0.0 and bool((grad[~inside] > 0).all())
 
 
 @pytest.fixture(scope="module")
@@ -289,12 +318,11 @@ def test_coco_mini_loads_through_the_plugin_data_path(coco_mini):
     vocab = data.info["vocab"]
     assert len(vocab.categories) == 80 and not vocab.phrases  # COCO has no 'color' key
     assert data.val is data.test or len(data.val) == len(data.test) == 79
-    positives = [i for i, it in enumerate(data.train.items) if it.ann_ids][:3]
-    for index in positives:
+    for index in range(3):
         item = data.train[index]
-        name = vocab.texts[int(item["query"])]
-        assert name in {n for _, n in vocab.categories}
-        assert item["image"].shape == (3, 32, 32) and len(item["masks"]) >= 1 and item["masks"].any()
+        assert all(vocab.texts[q] in {n for _, n in vocab.categories} for q in item["queries"].tolist())
+        assert item["image"].shape == (3, 32, 32) and item["mask_query"].shape == (len(item["masks"]), len(item["queries"]))
+        assert item["mask_query"].any(1).all()  # every mask answers a query: the categories present are asked
     crowd_seen = any(bool(data.val[i]["iscrowd"].any()) for i in range(len(data.val)))
     assert crowd_seen  # coco-mini's val split holds 5 crowd regions
 
@@ -329,3 +357,35 @@ def test_lora_adapters_train_on_the_image_tower_and_merge_for_inference(world, t
         tuned, merged = fresh.features(image), seg.backbone.dense_features(image)
     assert not torch.allclose(tuned, plain)  # the adapters learned something
     torch.testing.assert_close(merged, tuned, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shipped_head_round_trips_and_refuses_tampering_and_other_backbones(world, trained_run, tmp_path):
+    from vlkit.backbone import load_backbone
+    from vlkit.errors import VlkitError
+    from vlkit.io import IntegrityError
+    from vlkit_ufo import Segmenter
+    from vlkit_ufo.shipped import HEAD_META, HEAD_WEIGHTS, ship, shipped_head
+
+    run, _ = trained_run
+    root = tmp_path / "weights"
+    meta = ship(run, "t", root=root, command="vlkit train plugin=ufo (test)")
+    assert meta["files"][HEAD_WEIGHTS] and meta["backbone_identity"].startswith("vlkit-tiny-test:")
+    assert shipped_head("t", root)[0]["command"] == "vlkit train plugin=ufo (test)"
+    image = world / "images" / "test" / "000003.png"
+    from_run, shipped = Segmenter.from_run(run), Segmenter.shipped("t", root=root)
+    a, b = from_run(image, "circle", threshold=0.0), shipped(image, "circle", threshold=0.0)
+    assert [i.score for i in a] == [i.score for i in b] and all((x.mask == y.mask).all() for x, y in zip(a, b))
+    # the very backbone object may be passed in; another model is refused with the reason
+    assert Segmenter.shipped("t", root=root, backbone=from_run.backbone).backbone is from_run.backbone
+    torch.manual_seed(1)
+    with pytest.raises(VlkitError, match="trained on backbone"):
+        Segmenter.shipped("t", root=root, backbone=load_backbone("vlkit-tiny-test"))
+    with pytest.raises(VlkitError, match="no shipped ufo head 'nope'; shipped: t"):
+        shipped_head("nope", root)
+    weights = root / "t" / HEAD_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(IntegrityError, match="sha256"):
+        shipped_head("t", root)
+    (root / "t" / HEAD_META).write_text((root / "t" / HEAD_META).read_text().replace('"version": 1', '"version": 2'))
+    with pytest.raises(IntegrityError, match="checksum"):
+        shipped_head("t", root)

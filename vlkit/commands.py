@@ -107,20 +107,24 @@ def _search(args: list[str]) -> int:
 class SegmentArgs:
     image: str = ""
     query: str = ""
-    # a ufo run folder (or its checkpoints/best|last folder)
+    # a ufo run folder (or its checkpoints/best|last folder); empty: the head shipped with vlkit, on the
+    # shipped backbone
     checkpoint: str = ""
     out: str = "overlay.png"
-    threshold: float = 0.5
+    # instances scoring above it are kept; < 0: the head's F1-best score threshold on val (0.5 training-free)
+    threshold: float = -1.0
 
 
-@command("segment", "segment a free-text query in an image: vlkit segment image=X query=\"red circle\" checkpoint=RUN",
+@command("segment", "segment a free-text query in an image: vlkit segment image=X query=\"red circle\" [checkpoint=RUN]",
          lambda a: _kv_help("segment", SegmentArgs))
 def _segment(args: list[str]) -> int:
     from vlkit.errors import VlkitError
     from vlkit.plugins import get_plugin
 
     opts = parse_kv(args, SegmentArgs)
-    if not opts.image or not opts.query.strip() or not opts.checkpoint:
-        raise VlkitError("vlkit segment needs image=PATH, a non-empty query=TEXT and checkpoint=RUN_DIR")
-    get_plugin("ufo").demo(opts.image, opts.query, opts.checkpoint, out=opts.out, threshold=opts.threshold)
+    if not opts.image or not opts.query.strip():
+        raise VlkitError("vlkit segment needs image=PATH and a non-empty query=TEXT (checkpoint=RUN_DIR is optional: "
+                         "without it the head shipped with vlkit runs on the shipped backbone)")
+    threshold = opts.threshold if opts.threshold >= 0 else None
+    get_plugin("ufo").demo(opts.image, opts.query, opts.checkpoint, out=opts.out, threshold=threshold)
     return 0

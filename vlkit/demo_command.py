@@ -21,7 +21,8 @@ class DemoArgs:
     # an index written by `vlkit index`; empty: a default one (shapes world test split, coco-mini when
     # present), built once per backbone under $VLKIT_CACHE/demo/
     index: str = ""
-    # a `vlkit train plugin=ufo` run folder for a trained segmentation head; empty: training-free
+    # a `vlkit train plugin=ufo` run folder for a trained segmentation head; empty: the head shipped with
+    # vlkit when the backbone is the shipped one, else training-free
     ufo: str = ""
     # coco-mini for the default index and the examples: a folder, none, or empty for VLKIT_COCO_MINI /
     # the shared copy when present

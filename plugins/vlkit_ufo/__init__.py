@@ -14,8 +14,8 @@ plugin = Plugin(
     config=UfoConfig,
     build_data=build_data,
     build_task=build_task,
-    description="open-ended segmentation/detection: a text query retrieves instance masks from dense "
-                "CLIP features (a trained query decoder or the training-free baseline), COCOeval metrics",
+    description="open-ended segmentation/detection: a text query becomes per-anchor mask embeddings "
+                "retrieved against dense CLIP + pixel features (or the training-free baseline), COCOeval metrics",
     demo=demo,
 )
 

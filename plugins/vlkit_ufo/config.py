@@ -16,32 +16,33 @@ IOU_TYPES = ("segm", "bbox")
 
 @dataclass
 class UfoConfig:
-    # head = QueryDecoder trained on frozen dense features; training_free = text vs dense features only
+    # head = AnchoredHead trained on frozen (or adapted) dense features; training_free = text vs dense features only
     method: str = "head"
     # how the backbone's last block yields patch features (vlkit.backbone.dense): maskclip | clearclip | plain
     dense_mode: str = "maskclip"
     # query prompt; '{}' is replaced by the category name or phrase (e.g. 'a photo of a {}.')
     prompt: str = "{}"
 
-    # ---- head (vlkit_ufo.head.QueryDecoder) ----
-    num_slots: int = 10
+    # ---- head (vlkit_ufo.anchored.AnchoredHead) ----
     width: int = 128
-    # one layer: as good as two on the shapes world (segm AP 0.0043 vs 0.0042) and 1.34x faster segment()
-    num_layers: int = 1
-    num_heads: int = 4
+    # K = r*r mask embeddings per instance (UFO: 16); masks come out at r x the stride-4 mask features
     num_mask_embeds: int = 16
-    dropout: float = 0.0
-    # add the query embedding to every mask embedding: masks start from the training-free map
-    query_skip: bool = True
+    # a light convolutional branch that sees the pixels at stride 4 (false: masks from patch features only)
+    pixel_branch: bool = True
+    # extra stride-4 convolutions in the pixel branch (each widens its receptive field by 8 pixels)
+    pixel_depth: int = 4
+    # self-attention layers over the anchor tokens, per image, before the query (context for recognition)
+    context_layers: int = 1
+    # channels of the position code in the mask features (0 = none) and its kernel width (fraction of the side)
+    pos_dim: int = 32
+    pos_sigma: float = 0.08
 
-    # ---- losses (vlkit_ufo.losses.LossWeights) ----
+    # ---- losses ----
     loss_focal: float = 20.0
     loss_dice: float = 1.0
     loss_obj: float = 1.0
-    loss_sem: float = 1.0
-    loss_neg_obj: float = 1.0
-    # importance-sampled points per mask for matching and loss (0 = every pixel of the target)
-    num_points: int = 0
+    # anchors matched to each ground-truth instance (UFO repeats every ground truth 3 times)
+    gt_repeats: int = 3
 
     # ---- backbone ----
     # true: the backbone is frozen (only the head trains); false: the image tower is fine-tuned too
@@ -56,12 +57,15 @@ class UfoConfig:
     # ---- queries ----
     # add '<color> <shape>' phrases from annotations that carry a 'color' key (the shapes world)
     color_queries: bool = True
-    # absent queries (empty targets) per training image: they teach the head to answer 'nothing here'
-    negatives_per_image: int = 2
-    # at most this many training queries per image, positives first (0 = no limit)
-    max_queries_per_image: int = 0
+    # absent category names asked per training image (all of them when fewer are absent): they teach
+    # the head to answer 'nothing here', as evaluation asks every category in every image
+    negatives_per_image: int = 8
 
     # ---- inference ----
+    # candidate instances per (image, query): the best anchors by objectness, decoded into masks
+    top_k: int = 10
+    # matrix NMS (Gaussian kernel) between a query's candidates: larger = stronger suppression
+    nms_sigma: float = 2.0
     # a pixel belongs to a mask when its probability exceeds this
     mask_threshold: float = 0.5
     # instances scoring at or below this are dropped (evaluation keeps low scores: AP needs them)
@@ -83,7 +87,8 @@ class UfoConfig:
     iou_types: list[str] = field(default_factory=lambda: ["segm", "bbox"])
     # keep the best-scoring detections per image over all queries (detectron2's detections_per_image)
     max_dets_per_image: int = 100
-    # semantic mIoU: pixels whose best query probability is below this are labelled background
+    # semantic mIoU: a query's map is, per pixel, its best instance score x mask probability; pixels whose
+    # best query value is below this are labelled background
     sem_threshold: float = 0.5
 
 
@@ -105,5 +110,6 @@ def check_config(cfg: Any) -> None:
     if cfg.lora_rank and not cfg.freeze_backbone:
         raise ConfigError("ufo.lora_rank > 0 trains adapters on a frozen image tower; ufo.freeze_backbone=false "
                           "fine-tunes the whole tower instead: choose one of them")
-    if cfg.num_slots < 1 or cfg.eval_mask_size < 0 or cfg.negatives_per_image < 0:
-        raise ConfigError("ufo.num_slots must be >= 1, ufo.eval_mask_size and ufo.negatives_per_image >= 0")
+    if cfg.top_k < 1 or cfg.gt_repeats < 1 or cfg.eval_mask_size < 0 or cfg.negatives_per_image < 0:
+        raise ConfigError("ufo.top_k and ufo.gt_repeats must be >= 1, ufo.eval_mask_size and "
+                          "ufo.negatives_per_image >= 0")

@@ -138,33 +138,6 @@ def _image_groups(source: CocoInstances, image_id: int, vocab: Vocabulary,
     return inst, crowd
 
 
-@dataclass(frozen=True)
-class QueryItem:
-    image_index: int
-    query: int
-    ann_ids: tuple[int, ...]
-    crowd_ids: tuple[int, ...]
-
-
-def build_query_items(source: CocoInstances, vocab: Vocabulary, color_queries: bool, negatives: int,
-                      max_per_image: int = 0, seed: int = 0) -> list[QueryItem]:
-    """Per image: positives (queries with instances, category names first), crowd-only categories (empty
-    targets, an ignore region), then ``negatives`` absent queries drawn by a per-image seeded RNG."""
-    items: list[QueryItem] = []
-    n_queries = len(vocab.categories) + (len(vocab.phrases) if color_queries else 0)
-    for k, image_id in enumerate(source.image_ids):
-        inst, crowd = _image_groups(source, image_id, vocab, color_queries)
-        queries = sorted(inst) + [vocab.index(name) for name in sorted(crowd) if vocab.index(name) not in inst]
-        absent = np.array([q for q in range(n_queries) if q not in queries], dtype=np.int64)
-        if absent.size and negatives:
-            rng = np.random.default_rng([seed, k])
-            queries += [int(q) for q in rng.choice(absent, size=min(negatives, absent.size), replace=False)]
-        own = [QueryItem(k, q, tuple(inst.get(q, ())), tuple(crowd.get(vocab.category_of(q), ())))
-               for q in queries]
-        items += own[:max_per_image] if max_per_image > 0 else own
-    return items
-
-
 # ---- datasets -------------------------------------------------------------------------------------
 def load_source_image(source: CocoInstances, index: int) -> tuple[Image.Image, int]:
     """The RGB image and id at ``index`` (CocoInstances' own check: the file must match the annotated size)."""
@@ -184,30 +157,6 @@ def decode_masks(source: CocoInstances, image_id: int, ann_ids: Sequence[int]) -
     if not ann_ids:
         return np.zeros((0, int(info["height"]), int(info["width"])), bool)
     return np.stack([source.coco.annToMask(source.coco.anns[a]) for a in ann_ids]).astype(bool)
-
-
-class QueryDataset(Dataset):
-    """Training items: ``{"image" [3,S,S], "query" (vocabulary index), "masks" [M,S,S] bool (the query's
-    instances), "ignore" [S,S] bool (crowd regions of the query's category), "image_id"}``."""
-
-    def __init__(self, source: CocoInstances, items: list[QueryItem], transform: ImageTransform) -> None:
-        self.source, self.items, self.transform = source, items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        image, image_id = load_source_image(self.source, item.image_index)
-        size = self.transform.size
-        crowd = decode_masks(self.source, image_id, item.crowd_ids)
-        return {
-            "image": self.transform(image),
-            "query": torch.tensor(item.query),
-            "masks": resize_masks(decode_masks(self.source, image_id, item.ann_ids), size),
-            "ignore": resize_masks(crowd.any(0, keepdims=True), size, any_cover=True)[0],
-            "image_id": torch.tensor(image_id),
-        }
 
 
 class ImageDataset(Dataset):
@@ -241,12 +190,100 @@ class ImageDataset(Dataset):
         }
 
 
+class ImageQueriesDataset(Dataset):
+    """Training items, one per image, with several queries at once (the anchored head shares the image's
+    features among them): ``{"image", "image_id", "queries" [Q] (vocabulary indices), "masks" [M,S,S],
+    "mask_query" [M,Q] bool (mask m answers query q), "ignore" [Q,S,S] (crowd regions of each query's
+    category)}``.
+
+    Queries: every category present in the image, ``negatives`` absent category names (all of them when
+    fewer are absent), and with ``color_queries`` each present colour phrase plus one wrong-colour phrase
+    of a present category (a hard negative). Draws are seeded per (seed, image), so items are stable.
+    """
+
+    def __init__(self, source: CocoInstances, vocab: Vocabulary, transform: ImageTransform, color_queries: bool,
+                 negatives: int, seed: int = 0, limit: int = 0) -> None:
+        self.source, self.vocab, self.transform = source, vocab, transform
+        self.color_queries, self.negatives, self.seed = color_queries, negatives, seed
+        self.indices = list(range(len(source)))[: limit or None]
+        self._by_category: dict[str, list[int]] = {}
+        for text, name in vocab.phrases.items():
+            self._by_category.setdefault(name, []).append(vocab.index(text))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _queries(self, k: int, inst: dict[int, list[int]], crowd: dict[str, list[int]]) -> list[int]:
+        n_cat = len(self.vocab.categories)
+        present = sorted(q for q in inst if q < n_cat)
+        crowd_only = [self.vocab.index(name) for name in sorted(crowd) if self.vocab.index(name) not in inst]
+        rng = np.random.default_rng([self.seed, k])
+        absent = [q for q in range(n_cat) if q not in present and q not in crowd_only]
+        take = min(self.negatives, len(absent))
+        queries = present + crowd_only + sorted(int(q) for q in rng.choice(absent, size=take, replace=False))
+        if self.color_queries:
+            phrases = sorted(q for q in inst if q >= n_cat)
+            queries += phrases
+            wrong = [p for q in present for p in self._by_category.get(self.vocab.texts[q], []) if p not in inst]
+            if wrong:
+                queries.append(int(rng.choice(wrong)))
+        return queries
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        k = self.indices[index]
+        image, image_id = load_source_image(self.source, k)
+        inst, crowd = _image_groups(self.source, image_id, self.vocab, self.color_queries)
+        queries = self._queries(k, inst, crowd)
+        ann_ids = sorted({a for q in queries for a in inst.get(q, ())})
+        size = self.transform.size
+        mask_query = torch.tensor([[a in inst.get(q, ()) for q in queries] for a in ann_ids],
+                                  dtype=torch.bool).reshape(len(ann_ids), len(queries))
+        ignore = torch.zeros(len(queries), size, size, dtype=torch.bool)
+        for j, q in enumerate(queries):
+            ids = crowd.get(self.vocab.category_of(q), [])
+            if ids:
+                ignore[j] = resize_masks(decode_masks(self.source, image_id, ids).any(0, keepdims=True), size,
+                                         any_cover=True)[0]
+        return {
+            "image": self.transform(image),
+            "image_id": torch.tensor(image_id),
+            "queries": torch.tensor(queries, dtype=torch.long),
+            "masks": resize_masks(decode_masks(self.source, image_id, ann_ids), size),
+            "mask_query": mask_query,
+            "ignore": ignore,
+        }
+
+
+def collate_queries(batch: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Stack ``ImageQueriesDataset`` items, padding queries (index -1), masks and their query matrix."""
+    n_q = max(len(item["queries"]) for item in batch)
+    n_m = max(len(item["masks"]) for item in batch)
+    size = batch[0]["image"].shape[-1]
+    b = len(batch)
+    out = {"image": torch.stack([item["image"] for item in batch]),
+           "image_id": torch.stack([item["image_id"] for item in batch]),
+           "queries": torch.full((b, n_q), -1, dtype=torch.long),
+           "masks": torch.zeros(b, n_m, size, size, dtype=torch.bool),
+           "mask_query": torch.zeros(b, n_m, n_q, dtype=torch.bool),
+           "ignore": torch.zeros(b, n_q, size, size, dtype=torch.bool)}
+    for i, item in enumerate(batch):
+        q, m = len(item["queries"]), len(item["masks"])
+        out["queries"][i, :q] = item["queries"]
+        out["masks"][i, :m] = item["masks"]
+        out["mask_query"][i, :m, :q] = item["mask_query"]
+        out["ignore"][i, :q] = item["ignore"]
+    return out
+
+
 _PAD = {"masks": False, "mask_cat": -1, "iscrowd": False}
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Tensor]:
     """Stack per-item tensors; pad the per-instance ones (``masks``, ``mask_cat``, ``iscrowd``) to the
-    batch's largest instance count and add ``num_masks`` [B]."""
+    batch's largest instance count and add ``num_masks`` [B]. Training items (with ``queries``) go to
+    ``collate_queries``."""
+    if "queries" in batch[0]:
+        return collate_queries(batch)
     out: dict[str, Tensor] = {}
     most = max(len(item["masks"]) for item in batch)
     for key in batch[0]:
@@ -294,9 +331,8 @@ def build_data(cfg: DictConfig, backbone: Any) -> DataBundle:
         sources[split] = sources[same[0]] if same else open_split(d, split)
     vocab = build_vocabulary(list({id(s): s for s in sources.values()}.values()), u.color_queries)
     transform = ImageTransform.for_backbone(backbone)
-    items = build_query_items(sources["train"], vocab, u.color_queries, u.negatives_per_image,
-                              u.max_queries_per_image, cfg.train.seed)
-    train = QueryDataset(sources["train"], items[: d.limit_train or None], transform)
+    train = ImageQueriesDataset(sources["train"], vocab, transform, u.color_queries, u.negatives_per_image,
+                                cfg.train.seed, d.limit_train)
     # never finer than the model input: the head cannot resolve more, and the outputs stay small
     mask_size = min(u.eval_mask_size, transform.size) if u.eval_mask_size else transform.size
     evals = {s: ImageDataset(sources[s], vocab, transform, mask_size, u.eval_queries == "all", d.limit_eval)

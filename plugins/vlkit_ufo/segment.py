@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ from torch import Tensor
 from vlkit.data.images import load_image
 from vlkit.errors import VlkitError
 
+from .anchored import AnchoredHead
 from .data import ImageTransform
-from .head import QueryDecoder, masks_to_boxes, training_free_logits
+from .head import masks_to_boxes, training_free_logits
+
+DEFAULT_HEAD = "shapes-head"  # the head shipped in vlkit_ufo/weights (vlkit_ufo.shipped)
 
 
 @dataclass
@@ -48,29 +52,23 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def slot_masks(mask_logits: Tensor, obj_logits: Tensor, size: tuple[int, int], mask_threshold: float = 0.5,
-               score_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Decoder slots [..., N, h, w] -> (masks [..., N, *size] bool, scores [..., N]).
+def threshold_instances(mask_logits: Tensor, scores: Tensor, size: tuple[int, int], mask_threshold: float = 0.5,
+                        score_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Candidate instances [N, h, w] logits with their scores [N] -> (masks [N, *size] bool, scores [N]).
 
-    Scores follow ``head.predict`` (sigmoid(objectness) x mean foreground probability, computed at the
-    decoder's own resolution); masks are the logits resized bilinearly to ``size`` and thresholded, so
-    the same instance is found at any output size. Dropped slots (empty, or scoring <= score_threshold)
-    get score 0 and an empty mask, which keeps shapes fixed for gathering.
+    Masks are the logits resized bilinearly to ``size`` and thresholded, so the same instance is found at
+    any output size. Dropped candidates (empty, or scoring <= score_threshold) get score 0 and an empty
+    mask, which keeps shapes fixed for gathering.
     """
-    prob = mask_logits.float().sigmoid()
-    fg = prob > mask_threshold
-    area = fg.flatten(-2).sum(-1)
-    mask_score = (prob * fg).flatten(-2).sum(-1) / area.clamp(min=1)
-    scores = obj_logits.float().sigmoid() * mask_score
-    scores = torch.where((area > 0) & (scores > score_threshold), scores, torch.zeros_like(scores))
-    kept = scores > 0
+    kept = scores > score_threshold
     masks = torch.zeros(*kept.shape, *size, dtype=torch.bool, device=mask_logits.device)
-    if kept.any():  # only kept slots are resized: at a photo's full size that is most of the work
+    if kept.any():  # only kept candidates are resized: at a photo's full size that is most of the work
         logits = mask_logits[kept].float()[:, None]
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         masks[kept] = logits[:, 0] > _logit(mask_threshold)
-    return masks, scores
+    empty = ~masks.flatten(1).any(1)
+    return masks, torch.where(kept & ~empty, scores.float(), torch.zeros_like(scores, dtype=torch.float32))
 
 
 def training_free_probs(query_emb: Tensor, feats: Tensor, background_emb: Tensor, scale: float | Tensor) -> Tensor:
@@ -123,25 +121,37 @@ def _to_instances(masks: Tensor, scores: Tensor, query: str) -> list[Instance]:
 
 
 @torch.inference_mode()  # lighter than no_grad per op, which matters for tiny models
-def segment(image: Image.Image | str | Path, query: str, backbone: Any, head: QueryDecoder | None = None,
-            threshold: float = 0.5, *, mask_threshold: float = 0.5, dense_mode: str = "maskclip",
+def segment(image: Image.Image | str | Path, query: str, backbone: Any = None, head: AnchoredHead | None = None,
+            threshold: float | None = None, *, mask_threshold: float = 0.5, dense_mode: str = "maskclip",
             prompt: str = "{}", background: Sequence[str] = ("background",), tf_instances: str = "components",
-            tf_min_area: float = 0.002, query_emb: Tensor | None = None) -> list[Instance]:
+            tf_min_area: float = 0.002, query_emb: Tensor | None = None, top_k: int = 10,
+            nms_sigma: float = 2.0) -> list[Instance]:
     """Every instance of ``query`` in ``image``, best first, masks at the original image size.
 
-    With a trained ``head`` (a ``QueryDecoder``) instances are its slots scoring above ``threshold``;
+    Without a ``backbone``: the shipped default, the shapes-trained backbone with the head trained on it
+    (``Segmenter.shipped()``, loaded once; its own inference settings apply). ``threshold`` None is the
+    shipped head's F1-best threshold on val there, and 0.5 otherwise.
+
+    With a trained ``head`` (an ``AnchoredHead``) instances are its ``top_k`` best anchors' masks whose score
+    after matrix NMS exceeds ``threshold``;
     without one, the training-free baseline: the query competes with the ``background`` prompts per
     patch, and each connected component of its map (``tf_instances``) is an instance. ``query_emb``
     ([1, D], from ``encode_queries``) skips the text tower when the same query runs on many images.
     """
+    if backbone is None:
+        if head is not None:
+            raise VlkitError("segment() got a head but no backbone: pass the backbone the head was trained on")
+        return default_segmenter()(image, query, threshold)
+    threshold = 0.5 if threshold is None else threshold
     pil = _as_image(image)
     size = (pil.height, pil.width)
     x = ImageTransform.for_backbone(backbone)(pil)[None].to(backbone.device)
     feats = backbone.dense_features(x, mode=dense_mode)
     q = encode_queries(backbone, [query], prompt) if query_emb is None else query_emb.to(feats.device)
     if head is not None:
-        _, obj, logits = head.candidates(q.to(feats.device), feats, min_objectness=threshold)
-        masks, scores = slot_masks(logits, obj, size, mask_threshold, threshold)
+        logits, scores, _ = head.instances(q.to(feats.device), feats, x, top_k=top_k, nms_sigma=nms_sigma,
+                                           min_score=threshold, semantic=False)
+        masks, scores = threshold_instances(logits[0, 0], scores[0, 0], size, mask_threshold, threshold)
         return _to_instances(masks, scores, query)
     bg = encode_queries(backbone, list(background), prompt)
     prob = training_free_probs(q, feats, bg, backbone.logit_scale)[0, 0]
@@ -155,8 +165,10 @@ class Segmenter:
     """A trained ufo run ready to segment: its backbone (from the run's config.yaml ``model``), its head
     (``checkpoints/best`` else ``last``), and its ``cfg.ufo`` inference settings."""
 
-    def __init__(self, backbone: Any, head: QueryDecoder | None, ufo_cfg: Any) -> None:
+    def __init__(self, backbone: Any, head: AnchoredHead | None, ufo_cfg: Any, threshold: float = 0.5) -> None:
         self.backbone, self.head, self.cfg = backbone.eval(), head.eval() if head is not None else None, ufo_cfg
+        # the default score threshold: a trained run's F1-best on val (``segm/F1_threshold``), else 0.5
+        self.threshold = float(threshold)
         self._queries: dict[str, Tensor] = {}  # the weights never change here: a query is encoded once
 
     @classmethod
@@ -195,26 +207,85 @@ class Segmenter:
         if device:
             backbone.to(device)
             head = head.to(device) if head is not None else None
-        return cls(backbone, head, cfg.ufo)
+        return cls(backbone, head, cfg.ufo, threshold=run_threshold(run) if head is not None else 0.5)
 
-    def __call__(self, image: Image.Image | str | Path, query: str, threshold: float = 0.5) -> list[Instance]:
+    @classmethod
+    def shipped(cls, name: str = DEFAULT_HEAD, device: str | None = None, backbone: Any = None,
+                root: Path | None = None) -> Segmenter:
+        """The head shipped inside the package (``vlkit_ufo.shipped``) on the backbone it was trained on
+        (loaded, or ``backbone`` when it is that very model: same identity)."""
+        from omegaconf import OmegaConf
+        from safetensors.torch import load_file
+
+        from vlkit.engine.run import load_model, set_seed
+
+        from .config import UfoConfig
+        from .shipped import shipped_head
+
+        meta, weights = shipped_head(name) if root is None else shipped_head(name, Path(root))
+        try:
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(UfoConfig), meta["ufo"]))
+        except Exception as exc:  # a head written by another vlkit version
+            raise VlkitError(f"the shipped ufo head {name!r} does not fit this vlkit ({exc}); reinstall vlkit") from None
+        given = backbone is not None
+        if not given:
+            set_seed(int(meta.get("seed", 0)))  # as the training run did, for a randomly initialised backbone
+            backbone = load_model(OmegaConf.create(meta["model"]))
+        if backbone.identity != meta["backbone_identity"]:
+            what = "the backbone given" if given else meta["model"]["name"]
+            raise VlkitError(f"the shipped ufo head {name!r} was trained on backbone {meta['backbone_identity']}, but "
+                             f"{what} is {backbone.identity}; " + (
+                                 "segment with a head trained on it (vlkit train plugin=ufo model.name=...)" if given
+                                 else "reinstall vlkit"))
+        head = build_decoder(cfg, backbone.embed_dim)
+        head.load_state_dict(load_file(str(weights)), strict=True)
+        if device:
+            backbone.to(device)
+            head.to(device)
+        return cls(backbone, head, cfg, threshold=float(meta.get("threshold", 0.5)))
+
+    def __call__(self, image: Image.Image | str | Path, query: str, threshold: float | None = None) -> list[Instance]:
         c = self.cfg
+        threshold = self.threshold if threshold is None else threshold
         if query not in self._queries:
             self._queries = {**dict(list(self._queries.items())[-255:]), query: encode_queries(
                 self.backbone, [query], c.prompt)}
         return segment(image, query, self.backbone, self.head, threshold, mask_threshold=c.mask_threshold,
                        dense_mode=c.dense_mode, prompt=c.prompt, background=list(c.tf_background),
-                       tf_instances=c.tf_instances, tf_min_area=c.tf_min_area, query_emb=self._queries[query])
+                       tf_instances=c.tf_instances, tf_min_area=c.tf_min_area, query_emb=self._queries[query],
+                       top_k=c.top_k, nms_sigma=c.nms_sigma)
 
 
-def build_decoder(ufo_cfg: Any, embed_dim: int) -> QueryDecoder:
+def run_threshold(run: Path, default: float = 0.5) -> float:
+    """The F1-best score threshold on val of a ufo run (its latest ``eval_val.json``, else ``metrics.json``)."""
+    import json
+
+    for name, key in (("eval_val.json", None), ("metrics.json", "val")):
+        try:
+            data = json.loads((run / name).read_text())
+        except (OSError, ValueError):
+            continue
+        metrics = data.get(key or "val", data) if isinstance(data, dict) else {}
+        value = metrics.get("segm/F1_threshold") if isinstance(metrics, dict) else None
+        if isinstance(value, int | float):
+            return float(value)
+    return default
+
+
+@functools.lru_cache(maxsize=1)
+def default_segmenter() -> Segmenter:
+    """``Segmenter.shipped()``, loaded on first use and kept."""
+    return Segmenter.shipped()
+
+
+def build_decoder(ufo_cfg: Any, embed_dim: int) -> AnchoredHead:
     c = ufo_cfg
-    return QueryDecoder(embed_dim, num_slots=c.num_slots, width=c.width, num_layers=c.num_layers,
-                        num_heads=c.num_heads, num_mask_embeds=c.num_mask_embeds, dropout=c.dropout,
-                        query_skip=c.query_skip)
+    return AnchoredHead(embed_dim, width=c.width, num_mask_embeds=c.num_mask_embeds, pos_dim=c.pos_dim,
+                        pos_sigma=c.pos_sigma, pixel_branch=c.pixel_branch, pixel_depth=c.pixel_depth,
+                        context_layers=c.context_layers)
 
 
-def load_task_weights(state: dict[str, Tensor], backbone: Any, head: QueryDecoder) -> None:
+def load_task_weights(state: dict[str, Tensor], backbone: Any, head: AnchoredHead) -> None:
     """Load a ufo task checkpoint (``decoder.*``, and ``backbone.*`` when the image tower was fine-tuned)."""
     dec = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
     if not dec:
@@ -228,12 +299,15 @@ def load_task_weights(state: dict[str, Tensor], backbone: Any, head: QueryDecode
             raise VlkitError(f"checkpoint backbone tensors do not fit the run's model: {bad[:3]}")
 
 
-def demo(image: str, query: str, checkpoint: str, out: str = "overlay.png", threshold: float = 0.5) -> list[Instance]:
-    """What ``vlkit segment image=... query=... checkpoint=RUN out=overlay.png`` runs: segment one image
-    with a trained run and write the overlay PNG; prints one line per instance."""
+def demo(image: str, query: str, checkpoint: str = "", out: str = "overlay.png",
+         threshold: float | None = None) -> list[Instance]:
+    """What ``vlkit segment image=... query=... [checkpoint=RUN] out=overlay.png`` runs: segment one image
+    with a trained run (default: the shipped head on the shipped backbone) and write the overlay PNG;
+    prints one line per instance. ``threshold`` None: the run's (or the shipped head's) F1-best on val."""
     from .overlay import overlay
 
-    instances = Segmenter.from_run(checkpoint)(image, query, threshold)
+    segmenter = Segmenter.from_run(checkpoint) if checkpoint else default_segmenter()
+    instances = segmenter(image, query, threshold)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     overlay(_as_image(image), instances).save(out)
     for inst in instances:

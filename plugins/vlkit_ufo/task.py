@@ -1,4 +1,4 @@
-"""The ufo task: dense backbone features -> query decoder -> matched mask losses, and COCO-style evaluation."""
+"""The ufo task: dense features + pixels -> anchored head -> anchor-matched mask losses, and COCO-style evaluation."""
 
 from __future__ import annotations
 
@@ -13,14 +13,22 @@ from torch import Tensor, nn
 
 from vlkit.backbone.lora import LoraSpec, add_lora
 from vlkit.errors import VlkitError
-from vlkit.metrics.coco_eval import coco_evaluate, instances_to_coco_results
+from vlkit.metrics.coco_eval import coco_evaluate, f1_operating_point, instances_to_coco_results
 from vlkit.metrics.segmentation import MeanIoU, confusion_matrix
 from vlkit.plugins import DataBundle
 
+from .anchored import anchor_centres
 from .config import UfoConfig, check_config
 from .data import Vocabulary
-from .losses import LossWeights, ufo_loss
-from .segment import build_decoder, component_instances, encode_queries, slot_masks, training_free_probs
+from .losses import LossWeights, mask_terms, objectness_focal_loss
+from .matching import anchor_match
+from .segment import (
+    build_decoder,
+    component_instances,
+    encode_queries,
+    threshold_instances,
+    training_free_probs,
+)
 
 # Ignored (crowd) pixels get this constant logit and a 0 target: their loss is ~0 and, being a constant,
 # passes no gradient, so the head is neither rewarded nor punished there (COCO's crowd semantics).
@@ -90,7 +98,7 @@ def lora_spec(cfg: UfoConfig, backbone: Any) -> LoraSpec:
 
 
 class UfoTask(nn.Module):
-    """Trains the ufo head on frozen (or fine-tuned) dense features and evaluates every category of the
+    """Trains the anchored ufo head on frozen (or adapted) dense features and evaluates every category of the
     data set as a query in every image: segm/bbox AP through COCOeval and semantic mIoU."""
 
     def __init__(self, cfg: UfoConfig, backbone: Any, vocab: Vocabulary, cocos: dict[str, COCO],
@@ -110,8 +118,7 @@ class UfoTask(nn.Module):
         self.register_buffer("query_emb", encode_queries(backbone, vocab.texts, cfg.prompt), persistent=False)
         self.register_buffer("background_emb", encode_queries(backbone, cfg.tf_background, cfg.prompt),
                              persistent=False)
-        self.weights = LossWeights(focal=cfg.loss_focal, dice=cfg.loss_dice, obj=cfg.loss_obj, sem=cfg.loss_sem,
-                                   neg_obj=cfg.loss_neg_obj)
+        self.weights = LossWeights(focal=cfg.loss_focal, dice=cfg.loss_dice, obj=cfg.loss_obj)
         self.num_classes = len(vocab.categories)
         self.ignore_index = max(255, self.num_classes + 1)
 
@@ -128,22 +135,57 @@ class UfoTask(nn.Module):
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One batch of images, each with its queries: objectness over every anchor (focal, RetinaNet
+        normalisation) and focal + dice on the masks of the anchors matched to each ground truth (UFO's
+        point matching, ``gt_repeats`` anchors per instance)."""
         if self.cfg.method != "head":
             raise VlkitError("ufo.method=training_free has nothing to train; evaluate it with "
                              "`vlkit eval plugin=ufo ufo.method=training_free ...`, or train ufo.method=head")
-        size = tuple(batch["masks"].shape[-2:])
-        out = self.decoder(self.query_emb[batch["query"]], self.features(batch["image"]), out_size=size)
-        ignore = batch["ignore"]
-        if ignore.any():
-            const = out["mask_logits"].new_tensor(IGNORE_LOGIT)
-            out = {**out, "mask_logits": torch.where(ignore[:, None], const, out["mask_logits"]),
-                   "sem_logits": torch.where(ignore, const, out["sem_logits"])}
-        targets = [{"masks": batch["masks"][i, :n] & ~ignore[i]} for i, n in enumerate(batch["num_masks"].tolist())]
-        return ufo_loss(out, targets, self.weights, num_points=self.cfg.num_points or None)
+        head, images = self.decoder, batch["image"]
+        size = tuple(images.shape[-2:])
+        feats = self.features(images)
+        content, tokens = head.image_features(feats, images)
+        qidx = batch["queries"]
+        valid_q = qidx >= 0
+        qemb = self.query_emb[qidx.clamp(min=0)]
+        qtok = head.query_tokens(tokens, qemb)  # [B, Q, A, W]
+        obj = head.objectness(qtok)
+        h, w = feats.shape[1:3]
+        anchors = anchor_centres(h, w, images.device)
+        ignore = batch["ignore"]  # [B, Q, S, S]
+        # an anchor whose centre lies in an ignore (crowd) region is neither positive nor negative
+        ax = (anchors[:, 0] * size[1]).long().clamp(max=size[1] - 1)
+        ay = (anchors[:, 1] * size[0]).long().clamp(max=size[0] - 1)
+        obj_valid = valid_q[..., None] & ~ignore[:, :, ay, ax]
+        obj_target = torch.zeros_like(obj)
+        picks, gts = [], []
+        for i, j in valid_q.nonzero().tolist():
+            masks = batch["masks"][i][batch["mask_query"][i, :, j]] & ~ignore[i, j]
+            ai, gi = anchor_match(anchors, masks, self.cfg.gt_repeats)
+            obj_target[i, j, ai] = 1.0
+            obj_valid[i, j, ai] = True
+            picks += [(i, j, a) for a in ai.tolist()]
+            gts.append(masks[gi])
+        parts = {"loss_obj": objectness_focal_loss(obj, obj_target, obj_valid.to(obj.dtype))}
+        # keeps every parameter in the graph when nothing matched (DDP needs a gradient for each)
+        zero = sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0 + content.sum() * 0.0
+        if picks:
+            bi, qi, ai = (torch.tensor(v, device=images.device) for v in zip(*picks))
+            codes = head.grid_code(h, w, content)[ai] if head.pos_dim else content.new_zeros(len(ai), 0)
+            emb = head.mask_embeddings(qtok[bi, qi, ai], codes)
+            logits = head.masks(content[bi], emb[:, None], size)[:, 0]
+            logits = torch.where(ignore[bi, qi], logits.new_tensor(IGNORE_LOGIT), logits)
+            focal, dice = mask_terms(logits, torch.cat(gts), self.weights)
+            parts["loss_focal"], parts["loss_dice"] = focal / len(picks) + zero, dice / len(picks) + zero
+        else:
+            parts["loss_focal"] = parts["loss_dice"] = zero
+        w = self.weights
+        loss = w.obj * parts["loss_obj"] + w.focal * parts["loss_focal"] + w.dice * parts["loss_dice"]
+        return {"loss": loss, **parts, "num_matched": torch.tensor(float(len(picks)), device=images.device)}
 
     # ---- evaluation -------------------------------------------------------------------------------
     def eval_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Per image: every category's top slots as packed masks [Q, K, P] and scores [Q, K] (0 = none),
+        """Per image: every category's top candidates as packed masks [Q, K, P] and scores [Q, K] (0 = none),
         and the image's semantic confusion matrix at the eval resolution."""
         packed, scores, labels = self.predict_batch(batch)
         queried = batch["queried"].bool()
@@ -171,7 +213,7 @@ class UfoTask(nn.Module):
         for q0 in range(0, q_total, step):
             q1 = min(q_total, q0 + step)
             if tf_probs is None:
-                masks, sc, sem = self._head_chunk(feats, q0, q1, e)
+                masks, sc, sem = self._head_chunk(feats, batch["image"], q0, q1, e)
             else:
                 masks, sc, sem = self._tf_chunk(tf_probs[:, q0:q1], e)
             packed.append(pack_masks(masks))
@@ -182,22 +224,19 @@ class UfoTask(nn.Module):
         labels = torch.where(best_p >= self.cfg.sem_threshold, best_q, torch.full_like(best_q, q_total))
         return torch.cat(packed, 1), torch.cat(scores, 1), labels
 
-    def _head_chunk(self, feats: Tensor, q0: int, q1: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
-        b, h, w, d = feats.shape
-        c = q1 - q0
-        queries = self.query_emb[q0:q1][None].expand(b, c, d).reshape(b * c, d)
-        out = self.decoder(queries, feats[:, None].expand(b, c, h, w, d).reshape(b * c, h, w, d))
-        masks, scores = slot_masks(out["mask_logits"], out["obj_logits"], (e, e), self.cfg.mask_threshold,
-                                   self.cfg.score_threshold)
-        sem = F.interpolate(out["sem_logits"][:, None].float(), size=(e, e), mode="bilinear",
-                            align_corners=False)[:, 0].sigmoid()
-        k = masks.shape[1]
-        return masks.reshape(b, c, k, e, e), scores.reshape(b, c, k), sem.reshape(b, c, e, e)
+    def _head_chunk(self, feats: Tensor, images: Tensor, q0: int, q1: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
+        logits, scores, sem = self.decoder.instances(self.query_emb[q0:q1], feats, images, top_k=self.cfg.top_k,
+                                                     nms_sigma=self.cfg.nms_sigma)
+        b, c, k = scores.shape
+        masks, scores = threshold_instances(logits.flatten(0, 2), scores.flatten(), (e, e), self.cfg.mask_threshold,
+                                            self.cfg.score_threshold)
+        sem = F.interpolate(sem.float(), size=(e, e), mode="bilinear", align_corners=False)
+        return masks.reshape(b, c, k, e, e), scores.reshape(b, c, k), sem
 
     def _tf_chunk(self, probs: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor]:
         b, c = probs.shape[:2]
         up = F.interpolate(probs.float(), size=(e, e), mode="bilinear", align_corners=False)
-        k, cfg = self.cfg.num_slots, self.cfg
+        k, cfg = self.cfg.top_k, self.cfg
         found = [component_instances(up[i, j], k, cfg.mask_threshold, cfg.tf_min_area, cfg.tf_instances)
                  for i in range(b) for j in range(c)]
         masks = torch.stack([m for m, _ in found]).reshape(b, c, k, e, e).to(up.device)
@@ -206,7 +245,7 @@ class UfoTask(nn.Module):
         return masks & (scores > 0)[..., None, None], scores, up
 
     def coco_results(self, outputs: dict[str, Tensor], coco: COCO) -> list[dict]:
-        """COCO result dicts: the best ``max_dets_per_image`` slots of each image, masks resized to it."""
+        """COCO result dicts: the best ``max_dets_per_image`` candidates of each image, masks resized to it."""
         results: list[dict] = []
         cat_ids = self.vocab.cat_ids
         for n, image_id in enumerate(outputs["image_id"].tolist()):
@@ -226,14 +265,35 @@ class UfoTask(nn.Module):
         return results
 
     def compute_metrics(self, outputs: dict[str, Tensor], split: str) -> dict[str, float]:
+        """COCOeval segm/bbox AP over every queried category, then the diagnostics that tell mask quality
+        from recognition: class-agnostic AP (``agnostic/segm/*``: any detection may match any gt) and AP
+        with only the categories present in each image (``present/segm/*``: false positives of absent
+        categories removed); the best F1 at IoU 0.5 and the score threshold reaching it (``segm/F1``,
+        ``segm/F1_threshold``: the default threshold a trained run offers); semantic mIoU beside its
+        all-background floor (``mIoU_floor``) and the mean IoU of the object classes alone (``fgIoU``)."""
         coco = self.cocos[split]
         results = self.coco_results(outputs, coco)
         image_ids = sorted(set(outputs["image_id"].tolist()))
         metrics = coco_evaluate(coco, results, list(self.cfg.iou_types), img_ids=image_ids,
                                 cat_ids=self.vocab.cat_ids)
+        if "segm" in self.cfg.iou_types:
+            f1, threshold = f1_operating_point(coco, results, "segm", img_ids=image_ids, cat_ids=self.vocab.cat_ids)
+            metrics["segm/F1"], metrics["segm/F1_threshold"] = f1, threshold
+            present = {(a["image_id"], a["category_id"]) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_ids))}
+            views = {"agnostic": (results, False),
+                     "present": ([r for r in results if (r["image_id"], r["category_id"]) in present], True)}
+            for name, (res, use_cats) in views.items():
+                stats = coco_evaluate(coco, res, ["segm"], img_ids=image_ids, cat_ids=self.vocab.cat_ids,
+                                      use_cats=use_cats)
+                metrics.update({f"{name}/segm/{k}": stats[f"segm/{k}"] for k in ("AP", "AP50", "AP75")})
+        conf = outputs["confusion"].sum(0).cpu().numpy().astype(np.int64)
         miou = MeanIoU(self.num_classes + 1, self.ignore_index)  # the last class is background
-        miou.confusion = outputs["confusion"].sum(0).cpu().numpy().astype(np.int64)
+        miou.confusion = conf
         metrics.update(miou.compute())
+        metrics["fgIoU"] = float(np.nanmean(miou.per_class_iou()[: self.num_classes]))
+        floor = MeanIoU(self.num_classes + 1, self.ignore_index)
+        floor.confusion[:, self.num_classes] = conf.sum(1)  # every pixel predicted background
+        metrics["mIoU_floor"] = floor.compute()["mIoU"]
         metrics["images"] = float(len(image_ids))
         metrics["detections"] = float(len(results))
         return metrics

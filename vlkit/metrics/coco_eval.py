@@ -17,7 +17,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["STAT_NAMES", "coco_evaluate", "instances_to_coco_results", "load_results", "write_results"]
+__all__ = ["STAT_NAMES", "coco_evaluate", "f1_operating_point", "instances_to_coco_results", "load_results",
+           "write_results"]
 
 # Order of COCOeval.stats for iou types "segm" and "bbox".
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -117,9 +118,11 @@ def _results_for(results: list[dict], iou_type: str) -> list[dict]:
     return out
 
 
-def _evaluate_one(coco_gt: COCO, results: list[dict], iou_type: str, img_ids, cat_ids) -> np.ndarray:
+def _evaluate_one(coco_gt: COCO, results: list[dict], iou_type: str, img_ids, cat_ids,
+                  use_cats: bool = True) -> np.ndarray:
     coco_dt = coco_gt.loadRes(_results_for(results, iou_type))
     ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+    ev.params.useCats = int(use_cats)
     if img_ids is not None:
         ev.params.imgIds = sorted(int(i) for i in img_ids)
     if cat_ids is not None:
@@ -137,6 +140,7 @@ def coco_evaluate(
     img_ids: Iterable[int] | None = None,
     cat_ids: Iterable[int] | None = None,
     verbose: bool = False,
+    use_cats: bool = True,
 ) -> dict[str, float]:
     """Run COCOeval and return ``{"<iou_type>/<stat>": value}`` for every name in STAT_NAMES.
 
@@ -149,6 +153,8 @@ def coco_evaluate(
 
     ``img_ids`` / ``cat_ids`` restrict the evaluation (default: all gt images / categories; images without
     any prediction still count their gts as misses). pycocotools' prints are captured unless ``verbose``.
+    ``use_cats=False`` is the class-agnostic evaluation (COCOeval's ``useCats=0``): a detection may match
+    a gt of any category, so it measures masks and localisation apart from recognition.
     """
     if isinstance(results, str | os.PathLike):
         results = load_results(results)
@@ -164,7 +170,53 @@ def coco_evaluate(
     for t in iou_types:
         sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with sink:
-            stats = _evaluate_one(coco_gt, results, t, img_ids, cat_ids)
+            stats = _evaluate_one(coco_gt, results, t, img_ids, cat_ids, use_cats)
         for name, value in zip(STAT_NAMES, stats, strict=True):
             out[f"{t}/{name}"] = float(value) if value >= 0 else float("nan")
     return out
+
+
+def f1_operating_point(
+    coco_gt: COCO,
+    results: list[dict],
+    iou_type: str = "segm",
+    img_ids: Iterable[int] | None = None,
+    cat_ids: Iterable[int] | None = None,
+    iou: float = 0.5,
+) -> tuple[float, float]:
+    """(best F1, the score threshold that reaches it) of detections matched to gts at IoU >= ``iou``.
+
+    COCOeval's own matching (per image and category, greedy by score, crowd gts ignored) at area range
+    "all" and its largest max-detections: keeping the detections scoring at or above the threshold gives
+    the best F1 = 2PR / (P + R). This is the operating point to offer as a default score threshold; AP
+    does not depend on how the scores are calibrated, a user picking instances does. No results: (0, 1).
+    """
+    if not results:
+        return 0.0, 1.0
+    _check_image_ids(coco_gt, results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco_gt, coco_gt.loadRes(_results_for(results, iou_type)), iouType=iou_type)
+        if img_ids is not None:
+            ev.params.imgIds = sorted(int(i) for i in img_ids)
+        if cat_ids is not None:
+            ev.params.catIds = sorted(int(c) for c in cat_ids)
+        ev.evaluate()
+    t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+    n_area = len(ev.params.areaRng)
+    scores, hits, n_gt = [], [], 0
+    for k, e in enumerate(ev.evalImgs):
+        if e is None or k % (n_area * len(ev.params.imgIds)) >= len(ev.params.imgIds):
+            continue  # area ranges other than "all" (the first)
+        keep = ~np.asarray(e["dtIgnore"][t], dtype=bool)
+        scores += list(np.asarray(e["dtScores"])[keep])
+        hits += list(np.asarray(e["dtMatches"][t])[keep] > 0)
+        n_gt += int((~np.asarray(e["gtIgnore"], dtype=bool)).sum())
+    if not scores or n_gt == 0:
+        return 0.0, 1.0
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    s, tp = np.asarray(scores)[order], np.cumsum(np.asarray(hits)[order])
+    f1 = 2 * tp / (np.arange(1, len(s) + 1) + n_gt)  # 2PR/(P+R) = 2TP / (detections + gts)
+    # a threshold keeps every detection scoring at least it: only the last of equal scores is a valid cut
+    valid = np.append(s[1:] < s[:-1], True)
+    best = int(np.argmax(np.where(valid, f1, -1.0)))
+    return float(f1[best]), float(s[best])
