@@ -208,7 +208,8 @@ def test_anchored_head_shapes_and_position_bump():
         head.obj_head.weight.mul_(3.0)  # spread the objectness so a threshold falls between anchors
         head.obj_head.bias.zero_()
     one_q, one_f, one_i = queries[:1], feats[:1], images[:1]
-    obj = head.objectness(head.query_tokens(head.image_features(one_f, one_i)[1], one_q[None]))
+    with torch.no_grad():
+        obj = head.objectness(head.query_tokens(head.image_features(one_f, one_i)[1], one_q[None]))
     top = obj.sigmoid().flatten().topk(5).values
     assert 0.01 < float(top[2]) < float(top[1]) < 0.99
     t = float(top[1] + top[2]) / 2  # two anchors can pass
