@@ -305,7 +305,10 @@ class SeededItems(Dataset):
         saved = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(state[0]))
+                # the CPU generator alone, which fork_rng restores: torch.manual_seed would also seed
+                # accelerators (leaking past the fork) and, without CUDA initialised, queue a lazy call
+                # that formats a stack trace each time (1 ms an item)
+                torch.default_generator.manual_seed(int(state[0]))
                 random.seed(int(state[1]))
                 np.random.seed(int(state[1]))
                 return self.dataset[index]
