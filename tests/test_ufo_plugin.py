@@ -371,6 +371,7 @@ def test_a_shipped_head_round_trips_and_refuses_tampering_and_other_backbones(wo
     meta = ship(run, "t", root=root, command="vlkit train plugin=ufo (test)")
     assert meta["files"][HEAD_WEIGHTS] and meta["backbone_identity"].startswith("vlkit-tiny-test:")
     assert shipped_head("t", root)[0]["command"] == "vlkit train plugin=ufo (test)"
+    assert meta["checkpoint"] == "best (step 4)"  # the checkpoint's own step (the run stopped at max_steps=4)
     image = world / "images" / "test" / "000003.png"
     from_run, shipped = Segmenter.from_run(run), Segmenter.shipped("t", root=root)
     a, b = from_run(image, "circle", threshold=0.0), shipped(image, "circle", threshold=0.0)

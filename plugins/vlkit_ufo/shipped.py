@@ -85,11 +85,19 @@ def ship(run: str | Path, name: str = DEFAULT_HEAD, root: Path = WEIGHTS_DIR, pr
             "bytes": size,
             "files": file_digests(tmp, [HEAD_WEIGHTS]),
             "metrics": {k: metrics[k] for k in ("test", "val", "best") if k in metrics},
-            "checkpoint": f"{checkpoint.name} (step {metrics.get('best', {}).get('step', '?')})",
+            "checkpoint": f"{checkpoint.name} (step {_checkpoint_step(checkpoint)})",
             "command": command,
         }
         (tmp / HEAD_META).write_text(json.dumps(seal(meta), indent=2, sort_keys=True))
     return meta
+
+
+def _checkpoint_step(checkpoint: Path) -> Any:
+    state = checkpoint / "trainer_state.json"
+    try:
+        return json.loads(state.read_text()).get("step", "?")
+    except (OSError, ValueError):
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
