@@ -202,3 +202,17 @@ def test_czsl_files_give_a_clear_error_or_load(world, tmp_path):
             pass
         except Exception as exc:
             raise AssertionError(f"czsl {what}: {type(exc).__name__} escaped: {exc}") from exc
+
+
+def test_mllm_backbone_folder(tmp_path):
+    bb = load_backbone("vlkit-tiny-llava-test").eval()
+    bb.save(tmp_path / "bb")
+    probe = torch.randn(1, 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
+
+    def load(folder):
+        loaded = load_backbone(folder).eval()
+        with torch.no_grad():
+            return (loaded.encode_image(probe).numpy().tobytes(),
+                    loaded.encode_text(loaded.tokenize(["a red circle"])).numpy().tobytes())
+
+    _check(load, load(tmp_path / "bb"), tmp_path / "bb", tmp_path / "cases")

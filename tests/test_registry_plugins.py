@@ -35,11 +35,11 @@ def test_registry_register_get_duplicate_and_miss():
 def test_first_party_plugins_are_listed_without_import():
     before = set(sys.modules)
     names = vlkit.list_plugins()
-    assert {"csp", "retrieval", "ufo"} <= set(names)
-    assert not {"vlkit_csp", "vlkit_ufo"} & (set(sys.modules) - before)
+    assert {"csp", "retrieval", "ufo", "caption"} <= set(names)
+    assert not {"vlkit_csp", "vlkit_ufo", "vlkit_caption"} & (set(sys.modules) - before)
 
 
-@pytest.mark.parametrize("name", ["retrieval", "csp", "ufo"])
+@pytest.mark.parametrize("name", ["retrieval", "csp", "ufo", "caption"])
 def test_first_party_plugins_load_as_validated_bundles(name):
     plugin = get_plugin(name)
     assert isinstance(plugin, Plugin) and plugin.name == name
@@ -98,7 +98,7 @@ def test_cli_unknown_plugin_and_key_fail_before_work(capsys):
 def test_cli_help_lists_groups_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and "plugin: csp, retrieval, ufo" in out
+    assert "train" in out and "plugin: caption, csp, retrieval, ufo" in out
     assert main(["train", "--help", "plugin=retrieval"]) == 0
     out = capsys.readouterr().out
     assert "optim.lr (float)" in out and "retrieval.margin" in out
@@ -120,7 +120,7 @@ def test_cli_help_shows_the_defaults_the_plugin_yaml_sets(capsys):
 def test_console_script_lists_plugins_from_another_directory(tmp_path):
     exe = str(Path(sys.executable).with_name("vlkit"))  # the console script beside this interpreter
     out = subprocess.run([exe, "plugins"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in out.splitlines()][:3] == ["csp", "retrieval", "ufo"]
+    assert [line.split()[0] for line in out.splitlines()][:4] == ["caption", "csp", "retrieval", "ufo"]
 
 
 def test_public_api_is_lazy_and_the_version_is_one_string():

@@ -31,6 +31,9 @@ def _plugin_args(plugin: str, world: Path) -> list[str]:
         return ["plugin=retrieval", f"data.root={world}", "train.batch_size=6", "retrieval.hard_negatives=true"]
     if plugin == "csp":  # attribute dropout draws from the global RNG in every step
         return ["plugin=csp", "data=czsl", f"data.root={world / 'czsl'}", "train.batch_size=6"]
+    if plugin == "caption":  # the MLLM backbone: random caption draws, dropout-free transformers layers
+        return ["plugin=caption", "model=tiny-llava-test", f"data.root={world}", "train.batch_size=6",
+                "caption.vision_from="]
     return ["plugin=ufo", f"data.root={world}", "data.image_size=32", "train.batch_size=6"]
 
 
@@ -40,9 +43,10 @@ def _train(run: Path, k: int, args: list[str], *extra: str) -> subprocess.Comple
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("plugin", ["retrieval", "csp", "ufo"])
+@pytest.mark.parametrize("plugin", ["retrieval", "csp", "ufo", "caption"])
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(plugin, world, tmp_path):
-    args = [*COMMON, *_plugin_args(plugin, world)]
+    own = _plugin_args(plugin, world)
+    args = [*(a for a in COMMON if not (a.startswith("model=") and any(o.startswith("model=") for o in own))), *own]
     whole = _train(tmp_path / "whole", 0, args)
     assert whole.returncode == 0, whole.stderr[-2000:]
     cut = _train(tmp_path / "cut", 3, args)

@@ -128,3 +128,45 @@ def _segment(args: list[str]) -> int:
     threshold = opts.threshold if opts.threshold >= 0 else None
     get_plugin("ufo").demo(opts.image, opts.query, opts.checkpoint, out=opts.out, threshold=threshold)
     return 0
+
+
+@dataclass
+class CaptionArgs:
+    # an image file, or a folder (every image in it is captioned)
+    image: str = ""
+    # an MLLM backbone: the shipped tiny LLaVA by default; a run's backbone folder, hf:FOLDER, ...
+    model: str = "cached:vlkit-tiny-llava-shapes"
+    max_new_tokens: int = bounded(40, 1)
+    batch_size: int = bounded(32, 1)
+
+
+@command("caption", "describe an image with an MLLM backbone: vlkit caption image=PATH [model=...]",
+         lambda a: _kv_help("caption", CaptionArgs))
+def _caption(args: list[str]) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from vlkit.data.images import find_images, load_image
+    from vlkit.errors import VlkitError
+
+    opts = parse_kv(args, CaptionArgs)
+    if not opts.image:
+        raise VlkitError("vlkit caption needs image=PATH (a file or a folder of images)")
+    path = Path(opts.image)
+    if not path.exists():
+        raise VlkitError(f"image={opts.image!r} does not exist")
+    files = find_images(path) if path.is_dir() else [path]
+    if not files:
+        raise VlkitError(f"{opts.image!r} holds no images (png, jpg, ...)")
+    backbone = load_model_arg(opts.model)
+    if getattr(backbone, "kind", "clip") != "mllm":
+        raise VlkitError(f"model={opts.model!r} is a CLIP backbone, which cannot write text; caption needs an MLLM "
+                         "(model=cached:vlkit-tiny-llava-shapes, a caption run's backbone folder, or hf:FOLDER)")
+    backbone.eval()
+    for i in range(0, len(files), opts.batch_size):
+        chunk = files[i:i + opts.batch_size]
+        images = torch.stack([backbone.preprocess(load_image(f)) for f in chunk])
+        for f, text in zip(chunk, backbone.generate_captions(images, opts.max_new_tokens)):
+            print(f"{f}\t{text}" if len(files) > 1 else text)
+    return 0

@@ -83,6 +83,8 @@ def _prune(args: list[str]) -> int:
     opts = parse_kv(args, PruneArgs)
     towers = _check_prune(opts)
     bb = _load(opts.model, opts.pretrained, opts.device)
+    if getattr(bb, "kind", "clip") == "mllm":
+        return _prune_mllm(bb, opts, towers)
     _check_towers_prunable(bb, towers)
     calib = Calibration(None, None, {"kind": "none", "note": f"{opts.method} uses no calibration data"})
     if opts.method == "optin":
@@ -103,6 +105,27 @@ def _prune(args: list[str]) -> int:
                   min_heads=opts.min_heads, min_neurons=opts.min_neurons)
     from vlkit.io import atomic_write_json
 
+    atomic_write_json(out / "prune_report.json", report)
+    plot_kept_units(report, out / "kept_units.png")
+    _print_prune(report, out)
+    return 0
+
+
+def _prune_mllm(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> int:
+    """vlkit prune on an MLLM backbone: heads and neurons of its vision tower and language model."""
+    from vlkit.compress import plot_kept_units
+    from vlkit.compress.hf_prune import prune_mllm
+    from vlkit.io import atomic_write_json
+
+    try:
+        report = prune_mllm(bb, opts.method, opts.flops, towers=towers, seed=opts.seed, min_heads=opts.min_heads,
+                            min_neurons=opts.min_neurons)
+    except (ValueError, NotImplementedError) as exc:
+        raise CompressError(f"cannot prune {opts.model!r}: {exc}") from None
+    out = Path(opts.out)
+    bb.save(out)
+    report.update(model=opts.model, backbone=bb.name, calibration={"kind": "none", "note": "weights only"},
+                  min_heads=opts.min_heads, min_neurons=opts.min_neurons)
     atomic_write_json(out / "prune_report.json", report)
     plot_kept_units(report, out / "kept_units.png")
     _print_prune(report, out)

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
 ENTRY_POINT_GROUP = "vlkit.plugins"
+BACKBONE_KINDS = ("clip", "mllm")
+_KIND_NAMES = {"clip": "a CLIP backbone (open_clip: model=tiny-shapes, model.name=ViT-B-32, ...)",
+               "mllm": "an MLLM backbone (model=tiny-llava, model.name=hf:FOLDER, ...)"}
 
 
 class PluginError(VlkitError, RuntimeError):
@@ -66,6 +69,8 @@ class Plugin:
     # report(cfg, task, out_dir, metrics) -> extra metrics: plots and tables, after training and after eval
     report: Callable[..., Any] | None = None
     demo: Callable[..., Any] | None = None
+    # the backbone kinds the plugin runs on: "clip" (open_clip models) and/or "mllm" (vlkit.backbone.mllm)
+    backbones: tuple[str, ...] = ("clip",)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -75,6 +80,10 @@ class Plugin:
                 f"plugin {self.name!r}: config must be a dataclass type (the schema of cfg.{self.name}), "
                 f"got {self.config!r}"
             )
+        unknown = [k for k in self.backbones if k not in BACKBONE_KINDS]
+        if not self.backbones or unknown:
+            raise PluginError(f"plugin {self.name!r}: backbones={self.backbones!r}; name one or more of "
+                              f"{', '.join(BACKBONE_KINDS)}")
         for attr in ("build_data", "build_task"):
             if not callable(getattr(self, attr)):
                 raise PluginError(f"plugin {self.name!r}: {attr} must be callable")
@@ -167,3 +176,12 @@ def get_plugin(name: str) -> Plugin:
         raise PluginError(f"entry point {name!r} ({ep.value!r}) returned a plugin named {obj.name!r}")
     _LOADED[name] = obj
     return obj
+
+
+def check_backbone(plugin: Plugin, backbone: Any) -> None:
+    """A clear error when ``plugin`` does not run on ``backbone``'s kind (checked before any data is built)."""
+    kind = getattr(backbone, "kind", "clip")
+    if kind not in plugin.backbones:
+        need = " or ".join(_KIND_NAMES[k] for k in plugin.backbones)
+        raise PluginError(f"plugin {plugin.name!r} does not run on {kind} backbones ({backbone.name}): it needs {need}. "
+                          f"README, 'Which plugin runs on which backbone', has the table.")

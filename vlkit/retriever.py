@@ -93,6 +93,9 @@ def int8_image_encoder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Ten
     import copy
     import warnings
 
+    if getattr(backbone, "kind", "clip") != "clip":
+        raise VlkitError(f"int8=True quantizes a CLIP image tower; {backbone.name} is an {backbone.kind} backbone: "
+                         "index it in its own precision (int8=False)")
     if backbone.device.type != "cpu":
         raise VlkitError("int8=True quantizes for the CPU; on a GPU index in the backbone's own precision")
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao

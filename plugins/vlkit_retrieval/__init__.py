@@ -73,5 +73,6 @@ plugin = Plugin(
     build_task=build_task,
     after_fit=after_fit,
     report=report,
+    backbones=("clip", "mllm"),
     description="bidirectional image-text retrieval (VSE++ hinge / InfoNCE), Recall@K both ways",
 )

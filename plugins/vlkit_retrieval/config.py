@@ -33,8 +33,9 @@ class RetrievalConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    # nn.MultiheadAttention runs its projections inside a fused kernel, so adapters go on the MLP linears
-    lora_targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj"])
+    # last parts of the linear layers' names; empty = the backbone's defaults: the MLPs on open_clip models
+    # (nn.MultiheadAttention runs its projections inside a fused kernel), every projection on an MLLM
+    lora_targets: list[str] = field(default_factory=list)
     # the trained backbone is also saved into vlkit's cache under this name (csp/ufo defaults load it)
     export_as: str = ""
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])

@@ -42,15 +42,15 @@ def set_trainable(backbone: Backbone, mode: str, cfg: RetrievalConfig) -> None:
         from vlkit_retrieval.lora import add_lora
 
         add_lora(backbone, cfg)
+        backbone.logit_scale_param.requires_grad_(True)  # the temperature still learns
         return
     for p in model.parameters():
         p.requires_grad_(True)
-    if mode == "lock_image":
-        model.visual.requires_grad_(False)
-    elif mode == "lock_text":
-        for name, p in model.named_parameters():
-            if not name.startswith("visual.") and name != "logit_scale":
-                p.requires_grad_(False)
+    backbone.logit_scale_param.requires_grad_(True)
+    for name, p in model.named_parameters():
+        image = backbone.is_image_parameter(name)
+        if (mode == "lock_image" and image) or (mode == "lock_text" and not image and name != "logit_scale"):
+            p.requires_grad_(False)
 
 
 class RetrievalTask(nn.Module):
@@ -62,7 +62,7 @@ class RetrievalTask(nn.Module):
         set_trainable(backbone, cfg.train_mode, cfg)
         if cfg.init_temperature > 0:
             with torch.no_grad():
-                backbone.model.logit_scale.fill_(math.log(1.0 / cfg.init_temperature))
+                backbone.logit_scale_param.fill_(math.log(1.0 / cfg.init_temperature))
 
     def loss(self, img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         fn = LOSSES.get(self.cfg.loss)
@@ -83,7 +83,7 @@ class RetrievalTask(nn.Module):
             hit = pos.gather(1, (img @ txt.T).argmax(dim=1, keepdim=True)).float().mean()
         # clamp like CLIP: a logit scale above 100 makes the contrastive loss unstable
         with torch.no_grad():
-            self.backbone.model.logit_scale.clamp_(0, 4.6052)
+            self.backbone.logit_scale_param.clamp_(0, 4.6052)
         return {"loss": self.loss(img, txt, pos), "batch_i2t_acc": hit, "logit_scale": self.backbone.logit_scale}
 
     @torch.no_grad()

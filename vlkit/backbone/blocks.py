@@ -92,6 +92,28 @@ class BlockView:
         return torch.arange(head * self.head_dim, (head + 1) * self.head_dim)
 
 
+def kept_indices(mask: torch.Tensor | None, n: int, what: str) -> list[int] | None:
+    """Kept indices of a binary unit mask with ``n`` entries, or None when everything is kept."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask).detach().flatten().float().cpu()
+    if mask.numel() != n or not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{what} mask must be binary with {n} entries (got {mask.numel()} entries)")
+    kept = mask.nonzero().flatten().tolist()
+    return None if len(kept) == n else kept
+
+
+def spec_entries(spec: dict, views: dict, fmt: str, version: int):
+    """(view, entry) for every block a pruned-structure spec names, after checking its format and version."""
+    if spec.get("format") != fmt or int(spec.get("version", 0)) > version:
+        raise ValueError(f"not a {fmt} spec this version can read: {dict(spec)!r:.200}")
+    for entry in spec.get("blocks", []):
+        key = (entry["tower"], int(entry["index"]))
+        if key not in views:
+            raise KeyError(f"spec names block {key}, which this model does not have")
+        yield views[key], entry
+
+
 def _text_root(model: nn.Module) -> nn.Module | None:
     """The module that owns the text transformer: CLIP keeps it flat, CustomTextCLIP under ``.text``."""
     text = getattr(model, "text", None)

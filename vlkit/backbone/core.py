@@ -50,7 +50,8 @@ def _model_config(name: str) -> dict[str, Any]:
         raise BackboneError(
             f"unknown open_clip model {name!r}.{did_you_mean(name, names)} "
             f"({len(names)} architectures are known; `python -c 'import open_clip; print(open_clip.list_models())'` "
-            f"lists them). vlkit's own: {', '.join(register_vlkit_configs())}. A saved vlkit backbone is a folder path."
+            f"lists them). vlkit's own: {', '.join(register_vlkit_configs())}. A saved vlkit backbone is a folder path; "
+            f"an MLLM (transformers) is hf:FOLDER or hf:ORG/NAME, or vlkit-tiny-llava."
         )
     return copy.deepcopy(cfg)
 
@@ -89,6 +90,16 @@ class ConvStem(nn.Sequential):
     @property
     def convs(self) -> list[nn.Conv2d]:
         return [m for m in self if isinstance(m, nn.Conv2d)]
+
+
+def model_identity(name: str, config: Any, spec: Any, model: nn.Module) -> str:
+    """``name:digest`` of an architecture description and every tensor of ``model``'s state dict."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(json.dumps([name, config, spec], sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"{name}:{digest.hexdigest()}"
 
 
 def _trimmable_text(model: nn.Module, tokens: torch.Tensor) -> bool:
@@ -202,7 +213,22 @@ class Backbone(nn.Module):
         self.preprocess = self._transform(is_train=False)
         self.preprocess_train = self._transform(is_train=True)
 
+    kind = "clip"
+
     # ---- facts about the model ------------------------------------------------------------
+    @property
+    def logit_scale_param(self) -> nn.Parameter:
+        """The learned log temperature (``logit_scale`` is its exponential)."""
+        return self.model.logit_scale
+
+    @property
+    def image_tower(self) -> nn.Module:
+        return self.model.visual
+
+    def is_image_parameter(self, name: str) -> bool:
+        """Whether parameter ``name`` (of ``self.model``) belongs to the image tower."""
+        return name.startswith("visual.")
+
     @property
     def embed_dim(self) -> int:
         return int(self.config["embed_dim"])
@@ -223,12 +249,7 @@ class Backbone(nn.Module):
     @property
     def identity(self) -> str:
         """A fingerprint of the architecture and the weights: equal iff the same model and weights."""
-        digest = hashlib.blake2b(digest_size=12)
-        digest.update(json.dumps([self.name, self.config, self.pruned_spec()], sort_keys=True).encode())
-        for key, tensor in sorted(self.model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return f"{self.name}:{digest.hexdigest()}"
+        return model_identity(self.name, self.config, self.pruned_spec(), self.model)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -367,16 +388,61 @@ def _load_pretrained_tag(name: str, tag: str, cfg: dict[str, Any]) -> Backbone:
     return Backbone(model, name, cfg, pre, source=f"{name}:{tag}")
 
 
+def backbone_kind(name: str) -> str:
+    """"mllm" or "clip" for a model name, without loading it (cached:NAME resolved to its folder)."""
+    from vlkit.backbone import mllm
+    from vlkit.backbone.tiny_llava import NAMES
+
+    if name.startswith("cached:"):
+        from vlkit.backbone.shipped import WEIGHTS_DIR
+        from vlkit.cache import cached_backbone
+
+        short = name[len("cached:"):]
+        folder = WEIGHTS_DIR / short if (WEIGHTS_DIR / short).is_dir() else cached_backbone(short)
+        name = str(folder) if folder is not None else name
+    if name.startswith(mllm.HF_PREFIX) or name in NAMES or mllm.is_saved_mllm(name):
+        return "mllm"
+    return "mllm" if Path(name).is_dir() and mllm.is_hf_folder(name) and not is_saved_backbone(name) else "clip"
+
+
+def _load_mllm(name: str, pretrained: str | None):
+    """The MLLM sources (vlkit.backbone.mllm), or None when ``name`` names a CLIP backbone."""
+    from vlkit.backbone import mllm
+
+    tiny = None
+    if not name.startswith(mllm.HF_PREFIX) and not mllm.is_saved_mllm(name) and not (
+            Path(name).is_dir() and mllm.is_hf_folder(name) and not is_saved_backbone(name)):
+        from vlkit.backbone.tiny_llava import NAMES as tiny
+
+        if name not in tiny:
+            return None
+    if pretrained:
+        raise BackboneError(f"model.pretrained is for open_clip models; an MLLM ({name}) is loaded whole from its "
+                            f"folder: model.name=hf:FOLDER or a saved vlkit folder")
+    if tiny is not None:
+        from vlkit.backbone.tiny_llava import build_tiny_llava
+
+        return build_tiny_llava(name)
+    if mllm.is_saved_mllm(name):
+        return mllm.load_saved_mllm(name)
+    return mllm.load_hf(name)
+
+
 def load_backbone(name: str | Path = "vlkit-tiny", pretrained: str | None = None) -> Backbone:
     """Load a backbone from any of vlkit's sources.
 
     - a folder written by ``Backbone.save`` (no other information needed);
     - ``local-dir:/path`` (open_clip's own folder format: open_clip_config.json + weights);
     - an open_clip model name (``ViT-B-32``, ``vlkit-tiny``) with ``pretrained`` = None (random init),
-      a local weights file (safetensors or a torch state dict), or an open_clip pretrained tag.
+      a local weights file (safetensors or a torch state dict), or an open_clip pretrained tag;
+    - an MLLM (vlkit.backbone.mllm): ``hf:FOLDER`` / a folder with a transformers config.json, ``hf:ORG/NAME``,
+      a folder written by ``MLLMBackbone.save``, or ``vlkit-tiny-llava`` (random init).
     """
     register_vlkit_configs()
     name = str(name)
+    mllm = _load_mllm(name, pretrained)
+    if mllm is not None:
+        return mllm
     if is_saved_backbone(name):
         return _load_saved(Path(name))
     if name.startswith("local-dir:"):

@@ -8,7 +8,7 @@ loading re-creates exactly the same layers whatever peft's name matching would d
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,30 +32,46 @@ class LoraSpec:
     dropout: float = 0.0
     # last component of the linear layers' names (open_clip: c_fc / c_proj are the MLPs; attention runs
     # its projections inside nn.MultiheadAttention's fused kernel, so adapters cannot go there)
-    targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj"])
+    # empty: the backbone's defaults (default_targets)
+    targets: list[str] = field(default_factory=list)
     tower: str = "both"  # both | image | text
     # module-name prefixes left without adapters (e.g. a block whose output is never used)
     exclude: list[str] = field(default_factory=list)
 
 
-def _in_tower(name: str, tower: str) -> bool:
-    image = name.startswith("visual.")
-    return tower == "both" or (tower == "image") == image
+def _in_tower(name: str, tower: str, is_image: Callable[[str], bool]) -> bool:
+    return tower == "both" or (tower == "image") == is_image(name)
 
 
-def lora_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Full names of the linear layers ``spec`` puts adapters on, in module order."""
+def _clip_image(name: str) -> bool:
+    return name.startswith("visual.")
+
+
+def lora_modules(model: nn.Module, spec: LoraSpec, is_image: Callable[[str], bool] = _clip_image) -> list[str]:
+    """Full names of the linear layers ``spec`` puts adapters on, in module order (``is_image`` tells the
+    image tower's names: Backbone.is_image_parameter)."""
     if spec.tower not in TOWERS:
         raise VlkitError(f"LoRA tower {spec.tower!r} is not one of {', '.join(TOWERS)}")
     if spec.rank < 1:
         raise VlkitError(f"LoRA rank must be >= 1, got {spec.rank}")
+    targets = list(spec.targets) or default_targets(model)
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in spec.targets and _in_tower(n, spec.tower)
+             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and _in_tower(n, spec.tower, is_image)
              and not any(n == p or n.startswith(p.rstrip(".") + ".") for p in spec.exclude)]
     if not names:
-        raise VlkitError(f"LoRA targets {list(spec.targets)} match no linear layer of the {spec.tower} tower(s); "
-                         f"name the last part of a linear layer's name, e.g. c_fc or c_proj")
+        raise VlkitError(f"LoRA targets {targets} match no linear layer of the {spec.tower} tower(s); "
+                         f"name the last part of a linear layer's name (this backbone's defaults: {default_targets(model)})")
     return names
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The linear layers adapters go on by default: open_clip's MLPs (its attention runs inside a fused
+    kernel), or every projection of a transformers model's attention and MLP."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if {"c_fc", "c_proj"} <= names:
+        return ["c_fc", "c_proj"]
+    hf = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"]
+    return [n for n in hf if n in names]
 
 
 def add_lora(backbone: Backbone, spec: LoraSpec, modules: Sequence[str] | None = None) -> list[str]:
@@ -63,7 +79,7 @@ def add_lora(backbone: Backbone, spec: LoraSpec, modules: Sequence[str] | None =
     ``spec`` selects). Returns the adapted module names."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = list(modules) if modules is not None else lora_modules(backbone.model, spec)
+    names = list(modules) if modules is not None else lora_modules(backbone.model, spec, backbone.is_image_parameter)
     backbone.model.requires_grad_(False)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names,
                         bias="none")

@@ -68,8 +68,7 @@ def shipped_backbone(name: str, root: Path = WEIGHTS_DIR) -> Path:
 def _probe(backbone: Backbone, n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and text embeddings of fixed random inputs: enough to see what a cast does to the outputs."""
     g = torch.Generator().manual_seed(seed)
-    size = backbone.model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
+    size = backbone.image_size
     images = torch.randn(n, 3, size, size, generator=g)
     words = ["a", "red", "blue", "circle", "square", "star", "to", "the", "left", "of", "two", "shapes"]
     texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (6,), generator=g)) for _ in range(n)]
@@ -86,7 +85,7 @@ def ship(source: str | Path, name: str, root: Path = WEIGHTS_DIR, metrics: dict[
     half = load_backbone(source)
     half.eval()
     with torch.no_grad():
-        for p in half.model.parameters():
+        for p in half.parameters():
             p.copy_(p.half().float())
     cosine = min(float(torch.nn.functional.cosine_similarity(a, b).min()) for a, b in zip(ref, _probe(half)))
     dtype = torch.float16 if cosine >= FP16_MIN_COSINE else None

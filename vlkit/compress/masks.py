@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.backbone.blocks import BlockView, available_towers, block_map, transformer_blocks
+from vlkit.backbone.hf_blocks import apply_hf_masks, hf_blocks, hf_masked, is_hf_model, remove_hf_masks
 
 Key = tuple[str, int]
 MaskDict = Mapping[Key, torch.Tensor]
@@ -174,6 +175,9 @@ def uninstall(module: nn.Module) -> None:
 
 def remove_masks(model: nn.Module) -> None:
     """Restore every block's original forward and drop all masks and hooks."""
+    if is_hf_model(model):
+        remove_hf_masks(model)
+        return
     for module in model.modules():
         uninstall(module)
 
@@ -184,6 +188,8 @@ def apply_masks(model: nn.Module, head_masks: MaskDict | None = None, neuron_mas
 
     Values multiply the unit's output (0 = removed); ``all_blocks`` also routes unmasked blocks through
     the explicit path (what FLOP counting and export use). Returns the installed views."""
+    if is_hf_model(model):  # a transformers MLLM: masks through pre-hooks (vlkit.backbone.hf_blocks)
+        return apply_hf_masks(model, head_masks, neuron_masks)
     head_masks, neuron_masks = dict(head_masks or {}), dict(neuron_masks or {})
     keys = [*head_masks, *neuron_masks]
     views = transformer_blocks(model, available_towers(model) if all_blocks else sorted({k[0] for k in keys}))
@@ -204,6 +210,10 @@ def apply_masks(model: nn.Module, head_masks: MaskDict | None = None, neuron_mas
 def masked(model: nn.Module, head_masks: MaskDict | None = None, neuron_masks: MaskDict | None = None,
            all_blocks: bool = False) -> Iterator[nn.Module]:
     """``with masked(model, heads, neurons): ...`` applies masks and removes them on exit."""
+    if is_hf_model(model):
+        with hf_masked(model, head_masks, neuron_masks):
+            yield model
+        return
     views = apply_masks(model, head_masks, neuron_masks, all_blocks)
     try:
         yield model
@@ -215,5 +225,5 @@ def masked(model: nn.Module, head_masks: MaskDict | None = None, neuron_masks: M
 
 def full_masks(model: nn.Module, towers: Sequence[str] | None = None) -> tuple[dict[Key, torch.Tensor], dict[Key, torch.Tensor]]:
     """All-ones head and neuron masks for every block (a starting point for editing)."""
-    views = block_map(model, towers).values()
+    views = hf_blocks(model, towers) if is_hf_model(model) else block_map(model, towers).values()
     return ({v.key: torch.ones(v.n_heads) for v in views}, {v.key: torch.ones(v.mlp_hidden) for v in views})

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.backbone.blocks import BlockView, available_towers, block_map, transformer_blocks
+from vlkit.backbone.blocks import (
+    BlockView,
+    available_towers,
+    block_map,
+    kept_indices,
+    spec_entries,
+    transformer_blocks,
+)
 from vlkit.compress.masks import MaskDict, attention_core
 
 SPEC_FORMAT = "vlkit-pruned"
@@ -77,17 +84,6 @@ class PrunedAttention(nn.Module):
                    logit_scale_max=float(getattr(attn, "logit_scale_max", 4.6052)))
 
 
-def _kept(mask: torch.Tensor | None, n: int, what: str) -> list[int] | None:
-    """Kept indices of a binary mask, or None when everything is kept."""
-    if mask is None:
-        return None
-    mask = torch.as_tensor(mask).detach().flatten().float().cpu()
-    if mask.numel() != n or not torch.all((mask == 0) | (mask == 1)):
-        raise ValueError(f"{what} mask must be binary with {n} entries (got {mask.numel()} entries)")
-    kept = mask.nonzero().flatten().tolist()
-    return None if len(kept) == n else kept
-
-
 @torch.no_grad()
 def _slice_attention(view: BlockView, kept: list[int]) -> PrunedAttention:
     attn = view.attn
@@ -145,9 +141,12 @@ def materialize(model: nn.Module, head_masks: MaskDict | None = None, neuron_mas
     Masks are binary ({0,1}), keyed (tower, block index); its outputs equal the masked model's. A block
     that loses every head keeps only out_proj's bias (what the masked model computes). The structure is
     recorded in ``model.vlkit_pruned_spec`` (see pruned_spec / rebuild_pruned)."""
+    from vlkit.backbone.hf_blocks import is_hf_model, materialize_hf
     from vlkit.compress.masks import remove_masks
 
     out = model if inplace else copy.deepcopy(model)
+    if is_hf_model(out):
+        return materialize_hf(out, head_masks, neuron_masks)
     remove_masks(out)
     head_masks, neuron_masks = dict(head_masks or {}), dict(neuron_masks or {})
     views = block_map(out, sorted({k[0] for k in (*head_masks, *neuron_masks)}))
@@ -155,10 +154,10 @@ def materialize(model: nn.Module, head_masks: MaskDict | None = None, neuron_mas
         if key not in views:
             raise KeyError(f"no block {key} to materialize")
     for key, view in views.items():
-        heads = _kept(head_masks.get(key), view.n_heads, f"head {key}")
+        heads = kept_indices(head_masks.get(key), view.n_heads, f"head {key}")
         if heads is not None:
             view.module.attn = _slice_attention(view, heads)
-        neurons = _kept(neuron_masks.get(key), view.mlp_hidden, f"neuron {key}")
+        neurons = kept_indices(neuron_masks.get(key), view.mlp_hidden, f"neuron {key}")
         if neurons is not None:
             _slice_mlp(view, neurons)
     refresh_spec(out)
@@ -196,14 +195,7 @@ def rebuild_pruned(model: nn.Module, spec: Mapping[str, Any] | None) -> nn.Modul
     Weights of the new modules are placeholders until load_state_dict."""
     if not spec:
         return model
-    if spec.get("format") != SPEC_FORMAT or int(spec.get("version", 0)) > SPEC_VERSION:
-        raise ValueError(f"not a {SPEC_FORMAT} spec this version can read: {dict(spec)!r:.200}")
-    views = block_map(model, available_towers(model))
-    for entry in spec.get("blocks", []):
-        key = (entry["tower"], int(entry["index"]))
-        if key not in views:
-            raise KeyError(f"spec names block {key}, which this model does not have")
-        view = views[key]
+    for view, entry in spec_entries(spec, block_map(model, available_towers(model)), SPEC_FORMAT, SPEC_VERSION):
         if entry.get("heads") is not None:
             view.module.attn = _placeholder_attention(view, entry["heads"])
         if entry.get("mlp_hidden") is not None:

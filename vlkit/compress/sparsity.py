@@ -19,7 +19,7 @@ def sparsifiable(model: nn.Module, towers: Sequence[str] | None = None) -> list[
     ``towers`` ("image", "text") restricts to open_clip's ``visual`` / text modules; works on any model."""
     out = []
     for name, module in model.named_modules():
-        if towers is not None and _tower_of(name) not in towers:
+        if (towers is not None and _tower_of(name) not in towers) or name in _TIED_HEADS:
             continue
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             pname = "weight"
@@ -33,7 +33,14 @@ def sparsifiable(model: nn.Module, towers: Sequence[str] | None = None) -> list[
 
 
 def _tower_of(name: str) -> str:
-    return "image" if name == "visual" or name.startswith("visual.") else "text"
+    """open_clip keeps the image tower under ``visual``; a transformers MLLM under ``model.vision_tower``
+    (its projector counts with it)."""
+    image = name == "visual" or name.startswith(("visual.", "model.vision_tower", "model.multi_modal_projector"))
+    return "image" if image else "text"
+
+
+# output heads tied to the input embedding: zeroing them would zero the embedding table too
+_TIED_HEADS = ("lm_head",)
 
 
 def _has_weight(module: nn.Module, pname: str) -> bool:

@@ -22,7 +22,7 @@ from vlkit.engine.checkpoint import (
 )
 from vlkit.engine.trainer import Trainer, make_accelerator, write_metrics
 from vlkit.io import atomic_write_text
-from vlkit.plugins import Plugin
+from vlkit.plugins import Plugin, check_backbone
 
 # Model names that mean "a named trained backbone": shipped inside vlkit, or exported into vlkit's cache.
 CACHED_PREFIX = "cached:"
@@ -80,6 +80,7 @@ def build(cfg: DictConfig, plugin: Plugin):
     """Backbone, data and task for a config (seeded, so two builds are identical)."""
     set_seed(cfg.train.seed)
     backbone = load_model(cfg.model)
+    check_backbone(plugin, backbone)
     # again: a random-init backbone drew from the RNG; the task and data must not depend on how it was loaded
     set_seed(cfg.train.seed)
     data = plugin.build_data(cfg, backbone)

@@ -32,8 +32,17 @@ class TrainingError(VlkitError, RuntimeError):
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path | None = None) -> Accelerator:
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from vlkit.backbone.core import backbone_kind
+
     tracker = None if cfg.train.tracker in ("", "none") else cfg.train.tracker
+    # an MLLM has weights a task never reaches (the vision tower's final norm: LLaVA reads the hidden states
+    # before it), which DDP refuses unless told to look for them
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
+        if backbone_kind(str(cfg.model.name)) == "mllm" else []
     return Accelerator(
+        kwargs_handlers=handlers,
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         # Accelerate only forms a multi-process CPU (gloo) group when told cpu=True
