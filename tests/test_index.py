@@ -266,3 +266,22 @@ def test_reserve_keeps_contents_and_results():
         reserved.add(chunk)
     for a, b in zip(plain.search(q, 5), reserved.search(q, 5), strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_a_query_batch_takes_the_blas_path_with_the_same_results_as_one_query_at_a_time(metric):
+    from vlkit.index_faiss import BLAS_MIN_QUERIES
+
+    rng = np.random.default_rng(3)
+    x, q = unit(rng, 500), unit(rng, 3 * BLAS_MIN_QUERIES)
+    index = VectorIndex(DIM, metric=metric)
+    index.add(x)
+    threshold = faiss.cvar.distance_compute_blas_threshold
+    batch_scores, batch_ids = index.search(q, 5)
+    assert faiss.cvar.distance_compute_blas_threshold == threshold  # faiss's global switch is restored
+    one = [index.search(q[i:i + 1], 5) for i in range(len(q))]
+    assert np.array_equal(batch_ids, np.concatenate([ids for _, ids in one]))
+    np.testing.assert_allclose(batch_scores, np.concatenate([s for s, _ in one]), rtol=1e-5, atol=1e-5)
+    # and both are the brute-force answer
+    dist = q @ x.T if metric == "ip" else -((q[:, None] - x[None]) ** 2).sum(-1)
+    assert np.array_equal(batch_ids, np.argsort(-dist, axis=1, kind="stable")[:, :5])

@@ -275,7 +275,9 @@ def test_two_processes_train_the_mllm(world, tmp_path):
            "train.checkpoint_every=0", "train.best_metric=", "data.limit_eval=8", "caption.max_new_tokens=4",
            "caption.vision_from=",
            f"run.dir={run}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # cwd: not the repository root, whose vlkit/ folder would shadow the installed package for `-m vlkit`
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((run / "train_log.jsonl").read_text().splitlines()) == 3
     assert load_backbone(run / "backbone").kind == "mllm"

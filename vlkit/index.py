@@ -20,6 +20,7 @@ from vlkit.index_faiss import (
     _min_train_size,
     _to_numpy_rows,
     _tunable_names,
+    exact_search_path,
 )
 from vlkit.index_store import (
     FORMAT_VERSION,
@@ -260,6 +261,9 @@ class VectorIndex:
         if len(self) == 0:
             return np.full((len(q), k), self._worst_score, np.float32), np.full((len(q), k), -1, np.int64)
         try:
+            if self.kind.strip().lower() == "flat":
+                with exact_search_path(len(q)):
+                    return self._index.search(q, k)
             return self._index.search(q, k)
         except RuntimeError as e:
             raise ValueError(f"search in the {self.kind!r} index failed: {_faiss_msg(e)}") from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +18,29 @@ _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 def _faiss_msg(e: BaseException) -> str:
     # faiss prefixes errors with the C++ function and source line, which means nothing to a user.
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).strip())
+
+
+# From this many queries, exact (flat) search takes faiss's BLAS path: one matrix product over the batch instead
+# of a scan per query. faiss itself switches only for far larger batches (its distance_compute_blas_threshold),
+# so 100 queries of dim 512 were scanned one by one, bound by memory bandwidth (benchmarks/search.py).
+BLAS_MIN_QUERIES = 8
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exact_search_path(n_queries: int) -> Iterator[None]:
+    """Inside, a flat search of ``n_queries`` queries uses faiss's BLAS path when the batch is large enough
+    (faiss's switch is a process-wide setting: changed under a lock and restored)."""
+    if n_queries < BLAS_MIN_QUERIES:
+        yield
+        return
+    with _BLAS_LOCK:
+        old = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 0
+        try:
+            yield
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = old
 
 
 def _make_faiss_index(dim: int, kind: str, metric: str) -> faiss.Index:
