@@ -297,3 +297,16 @@ def test_the_default_caption_recipe_starts_the_tower_from_the_shipped_clip(world
     plugin, cfg = resolve_config([*common, "model=tiny-llava-test", f"run.dir={tmp_path / 'b'}"])
     with pytest.raises(VlkitError, match="caption.vision_from='cached:vlkit-tiny-shapes'.*does not match"):
         train(cfg, plugin)
+
+
+def test_evaluating_a_trained_mllm_leaves_its_vision_tower_alone(tiny, world, tmp_path, capsys):
+    # caption.vision_from (on by default) only starts a freshly built model; a loaded one is evaluated as it is
+    tiny.save(tmp_path / "m")
+    plugin, cfg = resolve_config(["plugin=caption", f"model.name={tmp_path / 'm'}", f"data.root={world}",
+                                  "split=test", "data.limit_eval=8", "caption.max_new_tokens=3"])
+    assert cfg.caption.vision_from
+    from vlkit.engine.run import build
+
+    backbone, _, _ = build(cfg, plugin)
+    assert "skipped" in capsys.readouterr().out
+    assert backbone.identity == load_backbone(tmp_path / "m").identity

@@ -21,14 +21,18 @@ def build_task(cfg: DictConfig, backbone, data):
     from vlkit_caption.task import CaptionTask
 
     cc = CaptionConfig(**cfg.caption)
-    if cc.vision_from:
+    if cc.vision_from and getattr(backbone, "random_init", False) and not cfg.checkpoint:
         start_vision_from_clip(backbone, cc, data, cfg)
+    elif cc.vision_from:  # a trained MLLM (or a checkpoint about to be loaded) keeps its own tower
+        print(f"caption.vision_from={cc.vision_from} skipped: {backbone.name} is not a fresh model"
+              + (" (a checkpoint is loaded)" if cfg.checkpoint else ""))
     return CaptionTask(backbone, cc, {"val": data.val, "test": data.test})
 
 
 def start_vision_from_clip(backbone, cc: CaptionConfig, data, cfg: DictConfig) -> dict[str, float]:
-    """caption.vision_from: the vision tower starts from a CLIP backbone's image tower (copied, then distilled
-    on training images; vlkit.backbone.tiny_llava). Seeded: every process, and a resumed run, does the same."""
+    """caption.vision_from: a freshly built MLLM's vision tower starts from a CLIP backbone's image tower (copied,
+    then distilled on training images; vlkit.backbone.tiny_llava). Seeded: every process, and a resumed run, does
+    the same. A loaded (trained) MLLM is never touched."""
     import torch
     from omegaconf import OmegaConf
 

@@ -17,8 +17,8 @@ class CaptionConfig:
     train_mode: str = "full"
     lora_rank: int = 8
     lora_alpha: int = 16
-    # start the vision tower from this CLIP backbone's image tower (e.g. cached:vlkit-tiny-shapes; empty: keep
-    # the MLLM's own): blocks copied, a convolutional stem fitted by a patch projection, then the tower
+    # start a freshly built MLLM's vision tower from this CLIP backbone's image tower (e.g.
+    # cached:vlkit-tiny-shapes; empty, or a loaded trained MLLM: keep its own): blocks copied, a convolutional stem fitted by a patch projection, then the tower
     # distilled towards the CLIP tower's tokens for vision_distill_steps on vision_distill_images training images
     vision_from: str = ""
     vision_distill_steps: int = 400

@@ -80,6 +80,8 @@ class MLLMBackbone(nn.Module):
         self.context_length = int(context_length)
         # the learned temperature of contrastive training lives beside the model (LLaVA has none)
         self.logit_scale_param = nn.Parameter(torch.tensor(float(logit_scale)))
+        # True only for an architecture built by name with fresh weights (vlkit.backbone.tiny_llava)
+        self.random_init = False
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index)
         self.n_image_tokens = _image_token_count(cfg)

@@ -82,7 +82,9 @@ def build_tiny_llava(name: str = "vlkit-tiny-llava", seed: int = 0) -> MLLMBackb
     model.eval()
     # seeded, so the name alone rebuilds it (what an index built with it records)
     source = name if seed == 0 else f"{name} (seed {seed})"
-    return MLLMBackbone(model, tokenizer, name, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD, source=source)
+    backbone = MLLMBackbone(model, tokenizer, name, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD, source=source)
+    backbone.random_init = True
+    return backbone
 
 
 def save_hf(backbone: MLLMBackbone, folder: str | Path) -> Path:
