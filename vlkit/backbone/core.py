@@ -388,11 +388,18 @@ def _load_pretrained_tag(name: str, tag: str, cfg: dict[str, Any]) -> Backbone:
     return Backbone(model, name, cfg, pre, source=f"{name}:{tag}")
 
 
-def backbone_kind(name: str) -> str:
-    """"mllm" or "clip" for a model name, without loading it (cached:NAME resolved to its folder)."""
+def _is_mllm_source(name: str) -> bool:
+    """Whether ``name`` names an MLLM (vlkit.backbone.mllm): hf:..., a tiny LLaVA architecture, a saved vlkit
+    MLLM folder, or a plain transformers folder."""
     from vlkit.backbone import mllm
     from vlkit.backbone.tiny_llava import NAMES
 
+    return (name.startswith(mllm.HF_PREFIX) or name in NAMES or mllm.is_saved_mllm(name)
+            or (Path(name).is_dir() and mllm.is_hf_folder(name) and not is_saved_backbone(name)))
+
+
+def backbone_kind(name: str) -> str:
+    """"mllm" or "clip" for a model name, without loading it (cached:NAME resolved to its folder)."""
     if name.startswith("cached:"):
         from vlkit.backbone.shipped import WEIGHTS_DIR
         from vlkit.cache import cached_backbone
@@ -400,28 +407,20 @@ def backbone_kind(name: str) -> str:
         short = name[len("cached:"):]
         folder = WEIGHTS_DIR / short if (WEIGHTS_DIR / short).is_dir() else cached_backbone(short)
         name = str(folder) if folder is not None else name
-    if name.startswith(mllm.HF_PREFIX) or name in NAMES or mllm.is_saved_mllm(name):
-        return "mllm"
-    return "mllm" if Path(name).is_dir() and mllm.is_hf_folder(name) and not is_saved_backbone(name) else "clip"
+    return "mllm" if _is_mllm_source(name) else "clip"
 
 
 def _load_mllm(name: str, pretrained: str | None):
     """The MLLM sources (vlkit.backbone.mllm), or None when ``name`` names a CLIP backbone."""
-    from vlkit.backbone import mllm
-
-    tiny = None
-    if not name.startswith(mllm.HF_PREFIX) and not mllm.is_saved_mllm(name) and not (
-            Path(name).is_dir() and mllm.is_hf_folder(name) and not is_saved_backbone(name)):
-        from vlkit.backbone.tiny_llava import NAMES as tiny
-
-        if name not in tiny:
-            return None
+    if not _is_mllm_source(name):
+        return None
     if pretrained:
         raise BackboneError(f"model.pretrained is for open_clip models; an MLLM ({name}) is loaded whole from its "
                             f"folder: model.name=hf:FOLDER or a saved vlkit folder")
-    if tiny is not None:
-        from vlkit.backbone.tiny_llava import build_tiny_llava
+    from vlkit.backbone import mllm
+    from vlkit.backbone.tiny_llava import NAMES, build_tiny_llava
 
+    if name in NAMES:
         return build_tiny_llava(name)
     if mllm.is_saved_mllm(name):
         return mllm.load_saved_mllm(name)

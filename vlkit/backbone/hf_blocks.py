@@ -102,9 +102,6 @@ class HFBlockView:
     def mlp_hidden(self) -> int:
         return int(self.down.in_features)
 
-    def linears(self) -> list[nn.Linear]:
-        return [*self.qkv, self.out_proj, *self.up, self.down]
-
 
 def is_hf_model(model: nn.Module) -> bool:
     inner = getattr(model, "model", None)
