@@ -113,7 +113,8 @@ def segment_tool(segmenter_or_backbone: Any) -> SegmentTool:
     overlay = importlib.import_module(f"{pkg.__name__}.overlay").overlay
     if isinstance(segmenter_or_backbone, pkg.Segmenter):
         seg = segmenter_or_backbone
-        mode = "trained ufo head" if seg.head is not None else "training-free (settings of the ufo run)"
+        mode = ("training-free (settings of the ufo run)" if seg.head is None else
+                "the MLLM's own <MASK> tokens (UFO)" if hasattr(seg.head, "answers_for") else "trained ufo head")
         return SegmentTool(seg.backbone, lambda im, q, t: seg(im, q, t), overlay, mode, round(seg.threshold, 2))
     bb = segmenter_or_backbone
     return SegmentTool(bb, lambda im, q, t: pkg.segment(im, q, bb, None, t), overlay,

@@ -10,10 +10,18 @@ from vlkit.config import ConfigError, config_dir, group_options
 
 def test_every_config_file_composes():
     options = group_options()
-    for group in ("model", "data", "optim", "experiment"):
+    for group in ("model", "data", "optim"):
         for option in options[group]:
             _, cfg = resolve_config([f"{group}={option}"])
             assert cfg.plugin == "retrieval"
+    for option in options["experiment"]:  # a recipe composes with the plugin whose keys it sets
+        composed = []
+        for plugin in options["plugin"]:
+            try:
+                composed.append(resolve_config([f"plugin={plugin}", f"experiment={option}"])[1].plugin)
+            except ConfigError:
+                continue
+        assert composed, f"experiment={option} composes with no plugin"
     for plugin in options["plugin"]:
         _, cfg = resolve_config([f"plugin={plugin}"])
         assert cfg.plugin == plugin and plugin in cfg

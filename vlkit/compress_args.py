@@ -44,6 +44,17 @@ class PruneArgs:
     min_neurons: int = 0
     # cpu | cuda | cuda:N (where the importance scores are computed)
     device: str = "cpu"
+    # > 0: recover accuracy after pruning by distillation from the unpruned model (vlkit.compress.distill):
+    # this many steps of the retrieval plugin's training on the shapes world (or recover_data=ROOT, any
+    # COCO-captions layout), run in out.recover/ (resumable there with vlkit train ... resume=true); out/
+    # then holds the recovered backbone
+    recover_steps: int = 0
+    recover_lr: float = 5e-4
+    recover_batch: int = 128
+    recover_data: str = ""
+    # the ranking/contrastive loss on the data's captions beside distillation (0 = the teacher alone: measured
+    # best, README "Recovery by distillation")
+    recover_task_weight: float = 0.0
 
 
 @dataclass
@@ -82,7 +93,8 @@ PRUNE_NOTE = """\
   method: optin | magnitude | random; flops: kept fraction of each tower's FLOPs, in (0, 1]
   calib (optin only): a folder of images, a COCO captions .json, a data set root with
   annotations/captions_<calib_split>.json, or empty for a shapes world in vlkit's cache
-  writes out/ (a backbone: load_backbone(out)), out/prune_report.json, out/kept_units.png"""
+  writes out/ (a backbone: load_backbone(out)), out/prune_report.json, out/kept_units.png
+  recover_steps=N: then N steps of distillation from the unpruned model (run folder out.recover/)"""
 SPARSIFY_NOTE = """\
   pattern: none (unstructured, `amount` of the weights by magnitude) | N:M such as 2:4; scope: layer | global
   writes out/ (a backbone with the zeros folded in) and out/sparsify_report.json"""
@@ -132,6 +144,14 @@ def _check_prune(opts: PruneArgs) -> tuple[str, ...]:
         raise CompressError(f"n_calib={opts.n_calib}: need at least one calibration sample (64 is a good default)")
     if opts.min_heads < 0 or opts.min_neurons < 0:
         raise CompressError("min_heads and min_neurons must be >= 0")
+    if opts.recover_steps < 0 or opts.recover_batch < 1 or opts.recover_lr <= 0:
+        raise CompressError("recover_steps must be >= 0 (0 = no recovery), recover_batch >= 1, recover_lr > 0")
+    if opts.recover_steps and opts.pretrained:
+        raise CompressError("recover_steps distils from the unpruned model, which must load by name alone: save "
+                            "the pretrained model first (load_backbone(...).save(DIR)) and pass model=DIR")
+    if opts.recover_data and not Path(opts.recover_data).is_dir():
+        raise CompressError(f"recover_data={opts.recover_data!r} is not a folder: pass a data set root with "
+                            "annotations/captions_<split>.json, or leave it empty for the shapes world")
     if opts.calib and not Path(opts.calib).exists():
         raise CompressError(f"calib={opts.calib!r} does not exist; pass a folder of images, a COCO captions "
                             f".json or a data set root (or leave calib empty for a generated shapes world)")

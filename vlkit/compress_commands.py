@@ -105,10 +105,41 @@ def _prune(args: list[str]) -> int:
                   min_heads=opts.min_heads, min_neurons=opts.min_neurons)
     from vlkit.io import atomic_write_json
 
+    if opts.recover_steps:
+        report["recovery"] = _recover(opts, out, bb)
     atomic_write_json(out / "prune_report.json", report)
     plot_kept_units(report, out / "kept_units.png")
     _print_prune(report, out)
     return 0
+
+
+def _recover(opts: PruneArgs, out: Path, pruned: Backbone) -> dict[str, Any]:
+    """Distil the pruned backbone saved in ``out`` from the unpruned ``opts.model`` through the retrieval
+    plugin's training (Accelerate engine, checkpoints, resume), then save the result over ``out``."""
+    from vlkit.backbone import load_backbone
+    from vlkit.cli import resolve_config
+    from vlkit.engine.run import train
+
+    if getattr(pruned, "kind", "clip") != "clip":
+        raise CompressError("recover_steps runs retrieval distillation, for CLIP backbones; an MLLM recovers "
+                            "through its own task (e.g. vlkit train plugin=caption model.name=OUT)")
+    run_dir = out.with_name(out.name + ".recover")
+    overrides = ["plugin=retrieval", f"model.name={out.absolute()}", f"retrieval.distill_from={opts.model}",
+                 f"retrieval.task_weight={opts.recover_task_weight}", "retrieval.init_temperature=0",
+                 "train.epochs=0", f"train.max_steps={opts.recover_steps}", f"train.batch_size={opts.recover_batch}",
+                 f"optim.lr={opts.recover_lr}", f"optim.warmup_steps={max(1, opts.recover_steps // 10)}",
+                 f"train.seed={opts.seed}", f"run.dir={run_dir}"]
+    if opts.recover_data:  # a shapes world (its own layout) or any COCO-captions root
+        root = Path(opts.recover_data).absolute()
+        shapes = (root / "annotations" / "captions_train.json").is_file()
+        overrides += [f"data.root={root}"] if shapes else ["data=coco", f"data.root={root}"]
+    print(f"recovering by distillation: vlkit train {' '.join(overrides)}")
+    plugin, cfg = resolve_config(overrides)
+    metrics = train(cfg, plugin)
+    recovered = load_backbone(run_dir / "backbone")
+    recovered.save(out)  # atomic: out holds the pruned or the recovered backbone, never a mix
+    return {"steps": opts.recover_steps, "run_dir": str(run_dir), "command": "vlkit train " + " ".join(overrides),
+            "val": metrics.get("val", {}), "test": metrics.get("test", {})}
 
 
 def _prune_mllm(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> int:

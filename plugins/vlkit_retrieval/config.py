@@ -39,3 +39,11 @@ class RetrievalConfig:
     # the trained backbone is also saved into vlkit's cache under this name (csp/ufo defaults load it)
     export_as: str = ""
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # recovery by distillation (vlkit.compress.distill; `vlkit prune ... recover_steps=N` sets these): the dense
+    # teacher, e.g. the backbone this one was pruned from (a folder or cached:NAME; empty = no teacher), and
+    # the weights of its relation (similarity distributions) and feature (embedding cosine) terms
+    distill_from: str = ""
+    distill_relation: float = 1.0
+    distill_feature: float = 1.0
+    # the ranking/contrastive loss on labels beside distillation (0 = learn from the teacher alone)
+    task_weight: float = 1.0

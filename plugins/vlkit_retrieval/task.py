@@ -53,6 +53,22 @@ def set_trainable(backbone: Backbone, mode: str, cfg: RetrievalConfig) -> None:
             p.requires_grad_(False)
 
 
+def load_teacher(name: str, student: Backbone) -> Backbone:
+    """The frozen dense teacher of distillation; it must embed into the student's space (same width) and
+    read the student's tokens (same tokenizer)."""
+    from omegaconf import OmegaConf
+
+    from vlkit.engine.run import load_model
+
+    teacher = load_model(OmegaConf.create({"name": name, "pretrained": None})).eval().requires_grad_(False)
+    probe = ["a red circle"]
+    if teacher.embed_dim != student.embed_dim or not torch.equal(teacher.tokenize(probe), student.tokenize(probe)):
+        raise VlkitError(f"retrieval.distill_from={name!r} ({teacher.name}, width {teacher.embed_dim}) cannot teach "
+                         f"{student.name} (width {student.embed_dim}): distil from the backbone this one was pruned "
+                         "or derived from")
+    return teacher
+
+
 class RetrievalTask(nn.Module):
     def __init__(self, backbone: Backbone, cfg: RetrievalConfig, eval_sets: dict[str, Any]) -> None:
         super().__init__()
@@ -60,6 +76,9 @@ class RetrievalTask(nn.Module):
         self.cfg = cfg
         self.eval_sets = eval_sets  # split -> EvalImages (captions live on .source)
         set_trainable(backbone, cfg.train_mode, cfg)
+        # the frozen teacher of recovery by distillation: kept out of the module tree, so it is neither
+        # trained nor saved nor wrapped by DDP
+        object.__setattr__(self, "teacher", load_teacher(cfg.distill_from, backbone) if cfg.distill_from else None)
         if cfg.init_temperature > 0:
             with torch.no_grad():
                 backbone.logit_scale_param.fill_(math.log(1.0 / cfg.init_temperature))
@@ -84,7 +103,24 @@ class RetrievalTask(nn.Module):
         # clamp like CLIP: a logit scale above 100 makes the contrastive loss unstable
         with torch.no_grad():
             self.backbone.logit_scale_param.clamp_(0, 4.6052)
-        return {"loss": self.loss(img, txt, pos), "batch_i2t_acc": hit, "logit_scale": self.backbone.logit_scale}
+        out = {"batch_i2t_acc": hit, "logit_scale": self.backbone.logit_scale}
+        loss = self.loss(img, txt, pos) if self.cfg.task_weight else img.new_zeros(())
+        if self.teacher is not None:
+            kd = self.distill(batch, img, txt)
+            out.update(kd_relation=kd["kd_relation"], kd_feature=kd["kd_feature"])
+            loss = self.cfg.task_weight * loss + kd["loss"]
+        return {"loss": loss, **out}
+
+    def distill(self, batch: dict[str, Any], img: torch.Tensor, txt: torch.Tensor) -> dict[str, torch.Tensor]:
+        from vlkit.compress.distill import DistillWeights, distillation_loss
+
+        teacher = self.teacher
+        if teacher.device != img.device:
+            teacher.to(img.device)
+        with torch.no_grad():
+            t_img, t_txt = teacher.encode_image(batch["image"]), teacher.encode_text(batch["tokens"])
+        weights = DistillWeights(relation=self.cfg.distill_relation, feature=self.cfg.distill_feature)
+        return distillation_loss(img, txt, t_img, t_txt, teacher.logit_scale.detach(), weights)
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,10 @@ plugin = Plugin(
     build_data=build_data,
     build_task=build_task,
     description="open-ended segmentation/detection: a text query becomes per-anchor mask embeddings "
-                "retrieved against dense CLIP + pixel features (or the training-free baseline), COCOeval metrics",
+                "retrieved against dense CLIP + pixel features (or the training-free baseline); on an MLLM the model's own "
+                "<MASK> tokens (UFO); COCOeval metrics",
     demo=demo,
+    backbones=("clip", "mllm"),
 )
 
 __all__ = ["Instance", "Segmenter", "UfoConfig", "UfoTask", "demo", "plugin", "segment"]

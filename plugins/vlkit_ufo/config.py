@@ -54,6 +54,23 @@ class UfoConfig:
     lora_alpha: int = 16
     lora_targets: list[str] = field(default_factory=lambda: ["c_fc", "c_proj"])
 
+    # ---- on an MLLM backbone (vlkit_ufo.mllm: the model's own <MASK> tokens, as in the paper) ----
+    # grid points per side; each opens its own answer ("<class> , <MASK> x 16" or "background")
+    mllm_grid: int = 8
+    # mask tokens: 1 = UFO's one <MASK> token, written 16 times; 16 = <MASK_0> .. <MASK_15>, a token per
+    # mask embedding (a small language model cannot tell 16 identical tokens apart by position alone)
+    mllm_mask_tokens: int = 1
+    # grid points answered per training image: those matched to a ground truth first, then random others
+    mllm_train_points: int = 16
+    # LoRA rank on the language model's projections (0 = fine-tune the whole language model); its
+    # embedding table (with the new <MASK> row) and final norm always train. ufo.freeze_backbone=false
+    # trains the vision tower and projector too
+    mllm_lora_rank: int = 8
+    mllm_lora_alpha: int = 16
+    # Hungarian matching of ground truths (x gt_repeats) to grid points: point L1 x this + outside-mask x that
+    mllm_point_cost: float = 5.0
+    mllm_inside_cost: float = 100.0
+
     # ---- queries ----
     # add '<color> <shape>' phrases from annotations that carry a 'color' key (the shapes world)
     color_queries: bool = True
@@ -110,6 +127,10 @@ def check_config(cfg: Any) -> None:
     if cfg.lora_rank and not cfg.freeze_backbone:
         raise ConfigError("ufo.lora_rank > 0 trains adapters on a frozen image tower; ufo.freeze_backbone=false "
                           "fine-tunes the whole tower instead: choose one of them")
+    if cfg.mllm_mask_tokens not in (1, 16):
+        raise ConfigError(f"ufo.mllm_mask_tokens={cfg.mllm_mask_tokens}: use 1 (UFO's <MASK> written 16 times) or 16")
+    if cfg.mllm_grid < 1 or cfg.mllm_train_points < 1 or cfg.mllm_lora_rank < 0:
+        raise ConfigError("ufo.mllm_grid and ufo.mllm_train_points must be >= 1, ufo.mllm_lora_rank >= 0")
     if cfg.top_k < 1 or cfg.gt_repeats < 1 or cfg.eval_mask_size < 0 or cfg.negatives_per_image < 0:
         raise ConfigError("ufo.top_k and ufo.gt_repeats must be >= 1, ufo.eval_mask_size and "
                           "ufo.negatives_per_image >= 0")

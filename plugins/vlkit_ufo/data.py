@@ -329,9 +329,11 @@ def build_data(cfg: DictConfig, backbone: Any) -> DataBundle:
     for split in ("val", "test"):
         same = [s for s in sources if getattr(d, f"{s}_split") == getattr(d, f"{split}_split")]
         sources[split] = sources[same[0]] if same else open_split(d, split)
-    vocab = build_vocabulary(list({id(s): s for s in sources.values()}.values()), u.color_queries)
+    # an MLLM lists category names in its prompt and answers with one of them: no colour phrases
+    colours = u.color_queries and getattr(backbone, "kind", "clip") != "mllm"
+    vocab = build_vocabulary(list({id(s): s for s in sources.values()}.values()), colours)
     transform = ImageTransform.for_backbone(backbone)
-    train = ImageQueriesDataset(sources["train"], vocab, transform, u.color_queries, u.negatives_per_image,
+    train = ImageQueriesDataset(sources["train"], vocab, transform, colours, u.negatives_per_image,
                                 cfg.train.seed, d.limit_train)
     # never finer than the model input: the head cannot resolve more, and the outputs stay small
     mask_size = min(u.eval_mask_size, transform.size) if u.eval_mask_size else transform.size

@@ -25,14 +25,17 @@ def mask_centres(masks: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def anchor_match(anchor_xy: Tensor, gt_masks: Tensor, repeats: int = 3) -> tuple[Tensor, Tensor]:
+def anchor_match(anchor_xy: Tensor, gt_masks: Tensor, repeats: int = 3, point_cost: float = 1.0,
+                 inside_cost: float = 0.0) -> tuple[Tensor, Tensor]:
     """Each gt mask, repeated ``repeats`` times, takes the anchors nearest (L1) to its centre of mass, one
     anchor per repeat, no anchor shared: a Hungarian assignment on the point distance, so two nearby
-    instances split their neighbourhood instead of one taking it all. (UFO's matching cost adds a mask
-    term; with fixed anchors the point term decides, and only matched anchors need masks at all.)
+    instances split their neighbourhood instead of one taking it all. UFO's cost adds whether the anchor
+    lies inside the mask (``inside_cost``); the CLIP head's fixed anchors match on the point term alone.
 
     Args:
         anchor_xy: [A, 2] normalised anchor centres; gt_masks: [M, H, W].
+        point_cost, inside_cost: the cost is ``point_cost`` x L1 distance + ``inside_cost`` x (the anchor's
+            pixel lies outside the mask); UFO's MLLM matching uses 5 and 100.
 
     Returns:
         (anchor_idx, gt_idx) LongTensors of length min(A, M * repeats), sorted by anchor index.
@@ -42,7 +45,14 @@ def anchor_match(anchor_xy: Tensor, gt_masks: Tensor, repeats: int = 3) -> tuple
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone()
     centres = mask_centres(gt_masks).to(anchor_xy).repeat(repeats, 1)  # [M*R, 2]
-    cost = torch.cdist(anchor_xy.float(), centres.float(), p=1).cpu().numpy()
+    cost = point_cost * torch.cdist(anchor_xy.float(), centres.float(), p=1)
+    if inside_cost:
+        h, w = gt_masks.shape[-2:]
+        ax = (anchor_xy[:, 0] * w).long().clamp(0, w - 1)
+        ay = (anchor_xy[:, 1] * h).long().clamp(0, h - 1)
+        outside = ~gt_masks[:, ay, ax].T.bool()  # [A, M]
+        cost = cost + inside_cost * outside.repeat(1, repeats).to(cost.dtype)
+    cost = cost.cpu().numpy()
     rows, cols = linear_sum_assignment(cost)
     gt_idx = torch.as_tensor(np.asarray(cols), dtype=torch.long) % gt_masks.shape[0]
     return torch.as_tensor(np.asarray(rows), dtype=torch.long, device=device), gt_idx.to(device)

@@ -121,7 +121,7 @@ def _to_instances(masks: Tensor, scores: Tensor, query: str) -> list[Instance]:
 
 
 @torch.inference_mode()  # lighter than no_grad per op, which matters for tiny models
-def segment(image: Image.Image | str | Path, query: str, backbone: Any = None, head: AnchoredHead | None = None,
+def segment(image: Image.Image | str | Path, query: str, backbone: Any = None, head: Any = None,
             threshold: float | None = None, *, mask_threshold: float = 0.5, dense_mode: str = "maskclip",
             prompt: str = "{}", background: Sequence[str] = ("background",), tf_instances: str = "components",
             tf_min_area: float = 0.002, query_emb: Tensor | None = None, top_k: int = 10,
@@ -133,7 +133,9 @@ def segment(image: Image.Image | str | Path, query: str, backbone: Any = None, h
     shipped head's F1-best threshold on val there, and 0.5 otherwise.
 
     With a trained ``head`` (an ``AnchoredHead``) instances are its ``top_k`` best anchors' masks whose score
-    after matrix NMS exceeds ``threshold``;
+    after matrix NMS exceeds ``threshold``; on an MLLM backbone ``head`` is the run's ``MllmSegmenter``
+    (``Segmenter.from_run``): the prompt lists the run's classes and the query, each grid point answers one of
+    them or "background", and the query's answers are its instances;
     without one, the training-free baseline: the query competes with the ``background`` prompts per
     patch, and each connected component of its map (``tf_instances``) is an instance. ``query_emb``
     ([1, D], from ``encode_queries``) skips the text tower when the same query runs on many images.
@@ -146,6 +148,12 @@ def segment(image: Image.Image | str | Path, query: str, backbone: Any = None, h
     pil = _as_image(image)
     size = (pil.height, pil.width)
     x = ImageTransform.for_backbone(backbone)(pil)[None].to(backbone.device)
+    if getattr(head, "answers_for", None) is not None:  # an MLLM answering with its own <MASK> tokens
+        # the prompt lists the classes the run learned (as in its training), plus the query when it is new
+        listed = [c for c in head.classes if c != query] + [query]
+        logits, scores, _ = head(x, [listed], top_k=top_k, nms_sigma=nms_sigma, min_score=threshold)
+        masks, scores = threshold_instances(logits[0, -1], scores[0, -1], size, mask_threshold, threshold)
+        return _to_instances(masks, scores, query)
     feats = backbone.dense_features(x, mode=dense_mode)
     q = encode_queries(backbone, [query], prompt) if query_emb is None else query_emb.to(feats.device)
     if head is not None:
@@ -165,8 +173,10 @@ class Segmenter:
     """A trained ufo run ready to segment: its backbone (from the run's config.yaml ``model``), its head
     (``checkpoints/best`` else ``last``), and its ``cfg.ufo`` inference settings."""
 
-    def __init__(self, backbone: Any, head: AnchoredHead | None, ufo_cfg: Any, threshold: float = 0.5) -> None:
-        self.backbone, self.head, self.cfg = backbone.eval(), head.eval() if head is not None else None, ufo_cfg
+    def __init__(self, backbone: Any, head: Any, ufo_cfg: Any, threshold: float = 0.5) -> None:
+        """``head``: an ``AnchoredHead``, an ``MllmSegmenter`` (MLLM backbones), or None (training-free)."""
+        self.backbone, self.cfg = backbone.eval(), ufo_cfg
+        self.head = head.eval() if isinstance(head, torch.nn.Module) else head
         # the default score threshold: a trained run's F1-best on val (``segm/F1_threshold``), else 0.5
         self.threshold = float(threshold)
         self._queries: dict[str, Tensor] = {}  # the weights never change here: a query is encoded once
@@ -192,6 +202,13 @@ class Segmenter:
             raise VlkitError(f"{run} is a run of plugin {cfg.plugin!r}, not ufo")
         set_seed(cfg.train.seed)  # as the run did: a randomly initialised backbone gets the run's weights
         backbone = load_model(cfg.model)
+        if getattr(backbone, "kind", "clip") == "mllm":
+            from .mllm import load_mllm_run
+
+            head = load_mllm_run(backbone, cfg.ufo, find_checkpoint(run, prefer) / WEIGHTS_FILE, run_classes(cfg))
+            if device:
+                backbone.to(device)
+            return cls(backbone, head, cfg.ufo, threshold=run_threshold(run))
         head = build_decoder(cfg.ufo, backbone.embed_dim) if cfg.ufo.method == "head" else None
         if head is not None:
             from vlkit.backbone.lora import add_lora, merge_lora
@@ -247,6 +264,9 @@ class Segmenter:
     def __call__(self, image: Image.Image | str | Path, query: str, threshold: float | None = None) -> list[Instance]:
         c = self.cfg
         threshold = self.threshold if threshold is None else threshold
+        if getattr(self.head, "answers_for", None) is not None:  # an MLLM reads the query itself
+            return segment(image, query, self.backbone, self.head, threshold, mask_threshold=c.mask_threshold,
+                           top_k=c.top_k, nms_sigma=c.nms_sigma)
         if query not in self._queries:
             self._queries = {**dict(list(self._queries.items())[-255:]), query: encode_queries(
                 self.backbone, [query], c.prompt)}
@@ -254,6 +274,21 @@ class Segmenter:
                        dense_mode=c.dense_mode, prompt=c.prompt, background=list(c.tf_background),
                        tf_instances=c.tf_instances, tf_min_area=c.tf_min_area, query_emb=self._queries[query],
                        top_k=c.top_k, nms_sigma=c.nms_sigma)
+
+
+def run_classes(cfg: Any) -> list[str]:
+    """The category names a run's data holds (what an MLLM run's prompts listed); [] with a warning when its
+    data cannot be read any more (segment() then lists the query alone, which such a model has not seen)."""
+    import warnings
+
+    from .data import open_split
+
+    try:
+        return [name for _, name in sorted(open_split(cfg.data, "val").cat_names.items())]
+    except Exception as exc:  # moved or deleted data: still segment, less well
+        warnings.warn(f"could not read the run's categories from its data ({exc}); the prompt will list the "
+                      "query alone", stacklevel=2)
+        return []
 
 
 def run_threshold(run: Path, default: float = 0.5) -> float:

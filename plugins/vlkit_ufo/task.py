@@ -75,6 +75,23 @@ def semantic_gt(masks: Tensor, mask_cat: Tensor, iscrowd: Tensor, background: in
     return labels
 
 
+def mask_losses(logits: Tensor | None, ignore: Tensor | None, gts: Tensor | None, weights: LossWeights,
+                zero: Tensor) -> dict[str, Tensor]:
+    """Focal and dice per matched mask (logits [N, H, W] against gts [N, H, W]; ignore pixels get
+    ``IGNORE_LOGIT``), plus ``zero`` (it keeps every trainable tensor in the graph); ``zero`` alone when
+    nothing matched (logits None)."""
+    if logits is None:
+        return {"loss_focal": zero, "loss_dice": zero}
+    logits = torch.where(ignore, logits.new_tensor(IGNORE_LOGIT), logits)
+    focal, dice = mask_terms(logits, gts, weights)
+    return {"loss_focal": focal / len(logits) + zero, "loss_dice": dice / len(logits) + zero}
+
+
+def weighted_total(parts: dict[str, Tensor], weights: LossWeights, first: str) -> Tensor:
+    """``first`` (objectness, or the answer tokens' cross-entropy) x obj + focal + dice, weighted."""
+    return weights.obj * parts[first] + weights.focal * parts["loss_focal"] + weights.dice * parts["loss_dice"]
+
+
 def _unfreeze_image_tower(backbone: Any, dense_mode: str) -> None:
     """Train the image tower, except what the dense path never runs: maskclip/clearclip skip the last
     block's MLP branch, and a parameter without a gradient would make DDP fail (and would never change)."""
@@ -174,14 +191,11 @@ class UfoTask(nn.Module):
             codes = head.grid_code(h, w, content)[ai] if head.pos_dim else content.new_zeros(len(ai), 0)
             emb = head.mask_embeddings(qtok[bi, qi, ai], codes)
             logits = head.masks(content[bi], emb[:, None], size)[:, 0]
-            logits = torch.where(ignore[bi, qi], logits.new_tensor(IGNORE_LOGIT), logits)
-            focal, dice = mask_terms(logits, torch.cat(gts), self.weights)
-            parts["loss_focal"], parts["loss_dice"] = focal / len(picks) + zero, dice / len(picks) + zero
+            parts.update(mask_losses(logits, ignore[bi, qi], torch.cat(gts), self.weights, zero))
         else:
-            parts["loss_focal"] = parts["loss_dice"] = zero
-        w = self.weights
-        loss = w.obj * parts["loss_obj"] + w.focal * parts["loss_focal"] + w.dice * parts["loss_dice"]
-        return {"loss": loss, **parts, "num_matched": torch.tensor(float(len(picks)), device=images.device)}
+            parts.update(mask_losses(None, None, None, self.weights, zero))
+        return {"loss": weighted_total(parts, self.weights, "loss_obj"), **parts,
+                "num_matched": torch.tensor(float(len(picks)), device=images.device)}
 
     # ---- evaluation -------------------------------------------------------------------------------
     def eval_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -303,4 +317,9 @@ def build_task(cfg: DictConfig, backbone: Any, data: DataBundle) -> UfoTask:
     ufo = OmegaConf.to_object(cfg.ufo) if isinstance(cfg.ufo, DictConfig) else cfg.ufo
     check_config(ufo)
     info = data.info
+    if getattr(backbone, "kind", "clip") == "mllm":
+        from .mllm_task import MllmUfoTask
+
+        return MllmUfoTask(ufo, backbone, info["vocab"], info["coco"], info["image_size"], info["eval_mask_size"],
+                           seed=cfg.train.seed)
     return UfoTask(ufo, backbone, info["vocab"], info["coco"], info["image_size"], info["eval_mask_size"])

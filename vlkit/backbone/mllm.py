@@ -171,6 +171,36 @@ class MLLMBackbone(nn.Module):
         room = self.context_length - len(self.bos) - len(self._suffix["text"])
         return [i for i, t in enumerate(texts) if len(self._ids(t)) > room]
 
+    def add_tokens(self, special: Sequence[str] = (), words: Sequence[str] = ()) -> list[int]:
+        """Add ``special`` tokens (never split, e.g. a mask token) and the ``words`` the tokenizer cannot
+        spell (they read as unknown) to the tokenizer, and grow the embedding table (and the tied output
+        layer) to match; new rows start at the mean of the old ones. Tokens already there are left alone,
+        so calling it again changes nothing; a saved backbone keeps them (tokenizer and config are saved).
+        Returns the ids of ``special`` + ``words``, in order."""
+        tok = self.tokenizer
+        vocab = tok.get_vocab()
+        new_special = [t for t in special if t not in vocab]
+        unk = tok.unk_token_id
+        new_words = [w for w in words if w not in vocab and unk is not None and unk in self._ids(w)]
+        if new_special:
+            tok.add_special_tokens({"additional_special_tokens": list(new_special)},
+                                   replace_extra_special_tokens=False)
+        if new_words:
+            tok.add_tokens(list(new_words))
+        if len(tok) > self.model.get_input_embeddings().num_embeddings:
+            self.model.resize_token_embeddings(len(tok), mean_resizing=False)
+            emb = self.model.get_input_embeddings().weight
+            old = emb.shape[0] - (len(tok) - len(vocab))
+            with torch.no_grad():
+                emb[old:] = emb[:old].mean(0, keepdim=True)
+        ids = []
+        for t in [*special, *words]:
+            got = self._ids(t) if t in words else [tok.convert_tokens_to_ids(t)]
+            if len(got) != 1:
+                raise BackboneError(f"{self.name}: token {t!r} reads as {len(got)} tokens after adding it")
+            ids.append(int(got[0]))
+        return ids
+
     def image_prompt_ids(self, kind: str = "image") -> list[int]:
         """The token ids of an image prompt: bos, the image's placeholder tokens, the ``kind`` suffix."""
         return self.bos + [self.image_token_id] * self.n_image_tokens + self._suffix[kind]
