@@ -76,11 +76,8 @@ def bench(model: str, sparsity: float, batch: int, layouts: list[str], repeats: 
     out: dict[str, float] = {"layers": len(layers)}
     for lay in layouts:
         kind, block = layout_of(lay)
-        sparse = [SparseLinear(torch.nn.Linear(m.in_features, m.out_features), kind, block) for m in layers]
         weights = [block_prune(w, block, sparsity) if kind == "bsr" and block_sparse else w for w in dense_w]
-        for s, w, m in zip(sparse, weights, layers):
-            s.weight_sparse = w.to_sparse_csr() if kind == "csr" else w.to_sparse_bsr((block, block))
-            s.bias = m.bias
+        sparse = [SparseLinear(w, m.bias, kind, block) for w, m in zip(weights, layers)]
         fns[lay] = lambda sparse=sparse: [s(x) for s, x in zip(sparse, xs)]
         got = fns[lay]()
         want = [F.linear(x, w, m.bias) for x, w, m in zip(xs, weights, layers)]

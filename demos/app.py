@@ -113,8 +113,9 @@ def segment_tool(segmenter_or_backbone: Any) -> SegmentTool:
     overlay = importlib.import_module(f"{pkg.__name__}.overlay").overlay
     if isinstance(segmenter_or_backbone, pkg.Segmenter):
         seg = segmenter_or_backbone
+        mllm = importlib.import_module(f"{pkg.__name__}.mllm").MllmSegmenter
         mode = ("training-free (settings of the ufo run)" if seg.head is None else
-                "the MLLM's own <MASK> tokens (UFO)" if hasattr(seg.head, "answers_for") else "trained ufo head")
+                "the MLLM's own <MASK> tokens (UFO)" if isinstance(seg.head, mllm) else "trained ufo head")
         return SegmentTool(seg.backbone, lambda im, q, t: seg(im, q, t), overlay, mode, round(seg.threshold, 2))
     bb = segmenter_or_backbone
     return SegmentTool(bb, lambda im, q, t: pkg.segment(im, q, bb, None, t), overlay,

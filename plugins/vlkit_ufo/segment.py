@@ -23,6 +23,7 @@ from vlkit.errors import VlkitError
 from .anchored import AnchoredHead
 from .data import ImageTransform
 from .head import masks_to_boxes, training_free_logits
+from .mllm import MllmSegmenter
 
 DEFAULT_HEAD = "shapes-head"  # the head shipped in vlkit_ufo/weights (vlkit_ufo.shipped)
 
@@ -148,7 +149,7 @@ def segment(image: Image.Image | str | Path, query: str, backbone: Any = None, h
     pil = _as_image(image)
     size = (pil.height, pil.width)
     x = ImageTransform.for_backbone(backbone)(pil)[None].to(backbone.device)
-    if getattr(head, "answers_for", None) is not None:  # an MLLM answering with its own <MASK> tokens
+    if isinstance(head, MllmSegmenter):  # an MLLM answering with its own <MASK> tokens
         # the prompt lists the classes the run learned (as in its training), plus the query when it is new
         listed = [c for c in head.classes if c != query] + [query]
         logits, scores, _ = head(x, [listed], top_k=top_k, nms_sigma=nms_sigma, min_score=threshold)
@@ -264,7 +265,7 @@ class Segmenter:
     def __call__(self, image: Image.Image | str | Path, query: str, threshold: float | None = None) -> list[Instance]:
         c = self.cfg
         threshold = self.threshold if threshold is None else threshold
-        if getattr(self.head, "answers_for", None) is not None:  # an MLLM reads the query itself
+        if isinstance(self.head, MllmSegmenter):  # an MLLM reads the query itself
             return segment(image, query, self.backbone, self.head, threshold, mask_threshold=c.mask_threshold,
                            top_k=c.top_k, nms_sigma=c.nms_sigma)
         if query not in self._queries:

@@ -24,15 +24,20 @@ def weight_sparsity(weight: Tensor) -> float:
 class SparseLinear(nn.Module):
     """y = x W^T + b with W stored sparse (``layout`` csr, or bsr with square ``blocksize`` blocks)."""
 
-    def __init__(self, linear: nn.Linear, layout: str = "csr", blocksize: int = 16) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, layout: str = "csr", blocksize: int = 16) -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-        w = linear.weight.detach()
-        self.in_features, self.out_features, self.layout = linear.in_features, linear.out_features, layout
+        w = weight.detach()
+        self.out_features, self.in_features = w.shape
+        self.layout = layout
         sparse = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
         self.register_buffer("weight_sparse", sparse, persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, layout: str = "csr", blocksize: int = 16) -> SparseLinear:
+        return cls(linear.weight, linear.bias, layout, blocksize)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -67,6 +72,6 @@ def to_sparse_inference(model: nn.Module, min_sparsity: float = 0.8, layout: str
         if layout == "bsr" and (module.in_features % blocksize or module.out_features % blocksize):
             continue
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], SparseLinear(module, layout, blocksize))
+        setattr(parent, name.rsplit(".", 1)[-1], SparseLinear.from_linear(module, layout, blocksize))
         swapped.append(name)
     return swapped
