@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vlkit.backbone import load_backbone
-from vlkit.retriever import Retriever, default_workers
+from vlkit.index.retriever import Retriever, default_workers
 
 
 def make_jpegs(folder: Path, n: int, size: int = 320) -> list[Path]:

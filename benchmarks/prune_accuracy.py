@@ -35,7 +35,7 @@ from vlkit.compress import (
     random_importance,
     select_under_budget,
 )
-from vlkit.compress_commands import Calibration, calibration_batch
+from vlkit.compress.calibration import Calibration, calibration_batch
 from vlkit.data.coco import CocoCaptions
 from vlkit.metrics.retrieval import Positives, recall_at_k
 from vlkit_retrieval.task import caption_positives

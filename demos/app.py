@@ -1,16 +1,14 @@
-"""The vlkit Gradio demo: search an index by text or image, and segment an image by a free-text query."""
+"""The vlkit Gradio demo: search an index by text or image, plus the tabs plugins contribute (segmentation
+by a free-text query, ...)."""
 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import gradio as gr
@@ -20,18 +18,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vlkit.backbone import TextTruncatedWarning
 from vlkit.data.images import ImageLoadError
 from vlkit.errors import VlkitError
-from vlkit.retriever import Hit, Retriever
+from vlkit.index.retriever import Hit, Retriever
 
 log = logging.getLogger(__name__)
 
 SEARCH_MAX_SIDE = 2048  # the backbone sees a few hundred pixels: decoding more only costs memory
-SEGMENT_MAX_SIDE = 1024  # masks are computed at the image's size, so its area bounds the work
 MAX_UPLOAD = "25mb"
 MAX_K = 100
 DEFAULT_QUERIES = ("a red circle", "two squares", "a blue star to the left of a green ring")
 # Gradio 6 hides an endpoint with api_visibility and takes the theme in launch(); Gradio 5 differs in both.
 _GRADIO_6 = int(gr.__version__.split(".")[0]) >= 6
-_PRIVATE: dict[str, Any] = {"api_visibility": "private"} if _GRADIO_6 else {"api_name": False}
+PRIVATE: dict[str, Any] = {"api_visibility": "private"} if _GRADIO_6 else {"api_name": False}
 _THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                         font_mono=["ui-monospace", "monospace"])  # system fonts: nothing fetched from the web
 _CSS = """
@@ -69,6 +66,13 @@ def open_image(path: str | Path | None, max_side: int) -> tuple[Image.Image, str
     return rgb, note
 
 
+def check_query(text: str | None) -> str:
+    """A non-empty, stripped text query (else a DemoInputError the page shows)."""
+    if not text or not text.strip():
+        raise DemoInputError("Type a text query first, e.g. “a red circle”.")
+    return text.strip()
+
+
 def image_input(**kwargs: Any) -> gr.Image:
     """A filepath gr.Image that hands a file PIL cannot open on to the handler, which explains the problem
     in the page, instead of failing in Gradio's preprocessing with a bare error."""
@@ -87,39 +91,57 @@ def image_input(**kwargs: Any) -> gr.Image:
     return image
 
 
-# ---- the ufo plugin -------------------------------------------------------------------------------
-def ufo_package() -> ModuleType:
-    """The ufo plugin's package, found through the plugin registry (core code imports no plugin)."""
-    from vlkit.plugins import get_plugin
+# ---- plugin tabs ----------------------------------------------------------------------------------
+@dataclass
+class Page:
+    """What the demo offers a plugin's tab (``DemoTab.build(state, page)``): the example (image, query) pairs,
+    tolerant image inputs and decoding, query checking, and the failure guard every handler should wear."""
 
-    plugin = get_plugin("ufo")
-    return importlib.import_module(sys.modules[plugin.build_task.__module__].__package__ or "")
+    examples: Sequence[tuple[str, str]] = ()
+    private: dict[str, Any] = field(default_factory=lambda: dict(PRIVATE))  # hide an endpoint from the API page
+
+    @staticmethod
+    def image_input(**kwargs: Any) -> gr.Image:
+        return image_input(**kwargs)
+
+    @staticmethod
+    def open_image(path: str | Path | None, max_side: int) -> tuple[Image.Image, str]:
+        return open_image(path, max_side)
+
+    @staticmethod
+    def query(text: str | None) -> str:
+        return check_query(text)
+
+    @staticmethod
+    def guarded(fn: Callable[..., tuple], empty: Callable[[], tuple]) -> Callable[..., tuple]:
+        return guarded(fn, empty)
 
 
 @dataclass
-class SegmentTool:
-    """What the Segmentation tab calls: ``run(image, query, threshold) -> instances`` and their overlay."""
+class LoadedTab:
+    """A plugin's ``DemoTab`` with the state its ``load`` returned, or the error that kept it from loading
+    (the tab then explains it; the rest of the demo works)."""
 
-    backbone: Any
-    run: Callable[[Image.Image, str, float], list[Any]]
-    overlay: Callable[[Image.Image, Sequence[Any]], Image.Image]
-    mode: str
-    threshold: float = 0.5  # the slider's start: a trained run's F1-best score threshold on val
+    tab: Any
+    state: Any = None
+    error: str = ""
 
 
-def segment_tool(segmenter_or_backbone: Any) -> SegmentTool:
-    """A ufo ``Segmenter`` (a trained run) or a bare backbone (the training-free baseline) as a tool."""
-    pkg = ufo_package()
-    overlay = importlib.import_module(f"{pkg.__name__}.overlay").overlay
-    if isinstance(segmenter_or_backbone, pkg.Segmenter):
-        seg = segmenter_or_backbone
-        mllm = importlib.import_module(f"{pkg.__name__}.mllm").MllmSegmenter
-        mode = ("training-free (settings of the ufo run)" if seg.head is None else
-                "the MLLM's own <MASK> tokens (UFO)" if isinstance(seg.head, mllm) else "trained ufo head")
-        return SegmentTool(seg.backbone, lambda im, q, t: seg(im, q, t), overlay, mode, round(seg.threshold, 2))
-    bb = segmenter_or_backbone
-    return SegmentTool(bb, lambda im, q, t: pkg.segment(im, q, bb, None, t), overlay,
-                       "training-free (MaskCLIP dense features against the query's text embedding)")
+def load_tabs(backbone: Any, runs: dict[str, str] | None = None) -> list[LoadedTab]:
+    """Every installed plugin's demo tab, loaded on ``backbone`` (``runs[tab.key]``: a trained run for it)."""
+    from vlkit.plugins import plugins_with
+
+    loaded = []
+    for plugin in plugins_with("demo_tab"):
+        tab = plugin.demo_tab
+        run = (runs or {}).get(tab.key, "")
+        try:
+            loaded.append(LoadedTab(tab, tab.load(backbone, run)))
+        except VlkitError as exc:
+            if run:  # a run the user named must load: say why it does not, before serving anything
+                raise
+            loaded.append(LoadedTab(tab, error=str(exc)))
+    return loaded
 
 
 # ---- the model panel ------------------------------------------------------------------------------
@@ -148,8 +170,7 @@ def describe_backbone(bb: Any) -> str:
             f"{pruned} · {sparse}")
 
 
-def describe_setup(retriever: Retriever | None, tool: SegmentTool | None, index_error: str,
-                   seg_error: str) -> str:
+def describe_setup(retriever: Retriever | None, tabs: Sequence[LoadedTab], index_error: str) -> str:
     lines = []
     search_bb = retriever.backbone if retriever is not None else None
     if search_bb is not None:
@@ -158,17 +179,19 @@ def describe_setup(retriever: Retriever | None, tool: SegmentTool | None, index_
         lines.append(f"**Index:** {counts.get('images', 0)} images, {counts.get('texts', 0)} captions")
     else:
         lines.append(f"**Search:** unavailable. {index_error}")
-    if tool is None:
-        lines.append(f"**Segmentation:** unavailable. {seg_error}")
-    else:
-        if tool.backbone is not search_bb:
-            lines.append(f"**Segmentation backbone:** {describe_backbone(tool.backbone)}")
-        lines.append(f"**Segmentation:** {tool.mode}")
+    for loaded in tabs:
+        if loaded.error:
+            lines.append(f"**{loaded.tab.title}:** unavailable. {loaded.error}")
+            continue
+        backbone = getattr(loaded.state, "backbone", None)
+        if backbone is not None and backbone is not search_bb:
+            lines.append(f"**{loaded.tab.title} backbone:** {describe_backbone(backbone)}")
+        lines.append(loaded.tab.describe(loaded.state))
     return "\n\n".join(lines)
 
 
 # ---- request handlers -----------------------------------------------------------------------------
-def _guarded(fn: Callable[..., tuple], empty: Callable[[], tuple]) -> Callable[..., tuple]:
+def guarded(fn: Callable[..., tuple], empty: Callable[[], tuple]) -> Callable[..., tuple]:
     """Turn any failure into a warning toast plus a status message, so one bad request never takes
     the page (or the server) down; the last output of every handler is its status Markdown."""
 
@@ -209,11 +232,9 @@ def _gallery(hits: Sequence[Hit]) -> tuple[list[tuple[Image.Image, str]], int]:
 class Handlers:
     """The demo's endpoints, independent of the page layout (so they are easy to read and test)."""
 
-    def __init__(self, retriever: Retriever | None, tool: SegmentTool | None, index_error: str,
-                 seg_error: str) -> None:
-        self.retriever, self.tool = retriever, tool
+    def __init__(self, retriever: Retriever | None, index_error: str) -> None:
+        self.retriever = retriever
         self.index_error = index_error or "No index is loaded."
-        self.seg_error = seg_error or "The ufo plugin is not available."
 
     def _index(self, target: str) -> Retriever:
         if self.retriever is None:
@@ -227,15 +248,9 @@ class Handlers:
     def _k(k: float | None) -> int:
         return min(max(int(k or 1), 1), MAX_K)
 
-    @staticmethod
-    def _query(text: str | None) -> str:
-        if not text or not text.strip():
-            raise DemoInputError("Type a text query first, e.g. “a red circle”.")
-        return text.strip()
-
     @torch.no_grad()
     def search_text(self, query: str, k: float) -> tuple[list, str]:
-        query = self._query(query)
+        query = check_query(query)
         with warnings.catch_warnings():  # the status says it instead
             warnings.simplefilter("ignore", TextTruncatedWarning)
             items, missing = _gallery(self._index("images").search(text=query, k=self._k(k), target="images"))
@@ -265,18 +280,6 @@ class Handlers:
     def _status(text: str, missing: int) -> str:
         return text + (f"; {missing} indexed files no longer exist (or are not images) and were left out"
                        if missing else "")
-
-    @torch.no_grad()
-    def segment(self, image: str | None, query: str, threshold: float) -> tuple[Image.Image, list[list], str]:
-        if self.tool is None:
-            raise DemoInputError(self.seg_error)
-        pil, note = open_image(image, SEGMENT_MAX_SIDE)
-        query = self._query(query)
-        instances = self.tool.run(pil, query, float(threshold))
-        rows = [[i + 1, round(inst.score, 4), [round(v, 1) for v in inst.box], int(inst.mask.sum())]
-                for i, inst in enumerate(instances)]
-        status = f"{len(instances)} instance(s) of “{query}” scoring above {float(threshold):.2f}{note}"
-        return self.tool.overlay(pil, instances), rows, status
 
 
 # ---- the page -------------------------------------------------------------------------------------
@@ -335,67 +338,34 @@ def _search_tab(h: Handlers, k: int, queries: Sequence[str], images: Sequence[st
     if images:
         gr.Examples([[p] for p in images], inputs=[image], label="Example images")
     no_gallery, no_rows = (lambda: ([],)), (lambda: ([],))
-    text_fn = _guarded(h.search_text, no_gallery)
+    text_fn = guarded(h.search_text, no_gallery)
     text_btn.click(text_fn, [query, topk], [gallery, status], api_name="search_text")
-    query.submit(text_fn, [query, topk], [gallery, status], **_PRIVATE)
-    image_btn.click(_guarded(h.search_image, no_gallery), [image, topk], [gallery, status], api_name="search_image")
-    caption_btn.click(_guarded(h.image_to_text, no_rows), [image, topk], [captions, status], api_name="image_to_text")
+    query.submit(text_fn, [query, topk], [gallery, status], **PRIVATE)
+    image_btn.click(guarded(h.search_image, no_gallery), [image, topk], [gallery, status], api_name="search_image")
+    caption_btn.click(guarded(h.image_to_text, no_rows), [image, topk], [captions, status], api_name="image_to_text")
 
 
-def _segment_tab(h: Handlers, examples: Sequence[tuple[str, str]], start: float = 0.5) -> None:
-    with gr.Row():
-        with gr.Column(scale=1):
-            image = image_input(label="Image", elem_id="segment-image", height=300)
-            query = gr.Textbox(label="What to find", placeholder="a red circle", elem_id="segment-query")
-            threshold = gr.Slider(0.0, 1.0, value=start, step=0.01, label="Score threshold",
-                                  elem_id="segment-threshold")
-            button = gr.Button("Segment", variant="primary", elem_id="segment-button")
-        with gr.Column(scale=1):
-            status = gr.Markdown("Upload an image (or pick an example) and say what to find.", label="Status",
-                                 elem_id="segment-status")
-            overlay = gr.Image(label="Overlay", type="pil", format="png", interactive=False,
-                               elem_id="segment-overlay", height=420)
-            table = gr.Dataframe(headers=["#", "score", "box (x1, y1, x2, y2)", "area (px)"],
-                                 label="Instances", elem_id="segment-instances", interactive=False)
-    if examples:
-        gr.Examples([list(e) for e in examples], inputs=[image, query], label="Examples")
-    fn = _guarded(h.segment, lambda: (None, []))
-    outputs = [overlay, table, status]
-    button.click(fn, [image, query, threshold], outputs, api_name="segment")
-    query.submit(fn, [image, query, threshold], outputs, **_PRIVATE)
-
-    def rerun(image: str | None, query: str, threshold: float) -> tuple:
-        # moving the slider before there is anything to segment is not an error worth a warning
-        return fn(image, query, threshold) if image and (query or "").strip() else (gr.skip(),) * 3
-
-    threshold.release(rerun, [image, query, threshold], outputs, **_PRIVATE)
-
-
-def build_app(retriever: Retriever | None, segmenter_or_backbone: Any = None, *, index_error: str = "",
+def build_app(retriever: Retriever | None, tabs: Sequence[LoadedTab] = (), *, index_error: str = "",
               examples: Sequence[tuple[str | Path, str]] = (), queries: Sequence[str] = DEFAULT_QUERIES,
               k: int = 12, title: str = "vlkit demo") -> DemoBlocks:
-    """The demo page. ``retriever`` None shows ``index_error`` in the Search tab; ``segmenter_or_backbone``
-    is a ufo ``Segmenter``, a backbone (training-free segmentation) or None (the tab explains why not).
-    ``examples`` are (image, query) pairs offered in both tabs."""
-    tool, seg_error = None, ""
-    if segmenter_or_backbone is not None:
-        try:
-            tool = segment_tool(segmenter_or_backbone)
-        except VlkitError as exc:  # e.g. the ufo plugin is not installed: search still works
-            seg_error = str(exc)
-    else:
-        seg_error = "No segmentation model was given."
-    handlers = Handlers(retriever, tool, index_error, seg_error)
+    """The demo page: the Search tab (``retriever`` None shows ``index_error`` there), then one tab per loaded
+    plugin tab (``load_tabs``). ``examples`` are (image, query) pairs offered in every tab."""
+    handlers = Handlers(retriever, index_error)
     images = [str(Path(p).resolve()) for p, _ in examples]
     allowed = sorted({Path(p).parent for p in images})  # the example images; results go out as thumbnails
+    page = Page(examples=[(p, q) for p, (_, q) in zip(images, examples)])
     with DemoBlocks(allowed, title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## {title}\nSearch an image index by text or by image, and segment any image by a "
-                    "free-text query, with one shared CLIP backbone.")
-        gr.Markdown(describe_setup(retriever, tool, index_error, seg_error), elem_id="backbone-info")
+        gr.Markdown(f"## {title}\nSearch an image index by text or by image"
+                    + "".join(f", {t.tab.title.lower()}" for t in tabs) + ", with one shared backbone.")
+        gr.Markdown(describe_setup(retriever, tabs, index_error), elem_id="backbone-info")
         with gr.Tabs():
             with gr.Tab("Search", id="search", elem_id="tab-search"):
                 _search_tab(handlers, k, queries, images)
-            with gr.Tab("Segmentation", id="segment", elem_id="tab-segment"):
-                _segment_tab(handlers, [(p, q) for p, (_, q) in zip(images, examples)],
-                             tool.threshold if tool is not None else 0.5)
+            for loaded in tabs:
+                slug = loaded.tab.key
+                with gr.Tab(loaded.tab.title, id=slug, elem_id=f"tab-{slug}"):
+                    if loaded.error:
+                        gr.Markdown(f"⚠️ {loaded.tab.title} is unavailable: {loaded.error}")
+                    else:
+                        loaded.tab.build(loaded.state, page)
     return app

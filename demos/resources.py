@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from vlkit.backbone import Backbone, load_backbone
+from vlkit.data.coco import caption_texts
 from vlkit.data.images import find_images
 from vlkit.errors import VlkitError
 from vlkit.index import IndexMismatchError
-from vlkit.retriever import MANIFEST, Retriever
+from vlkit.index.retriever import MANIFEST, Retriever
 
 DEFAULT_MODEL = "cached:vlkit-tiny-shapes"
 SHARED_COCO_MINI = Path("/work/shared/data/coco-mini")  # the team's shared copy; VLKIT_COCO_MINI overrides
@@ -53,19 +54,14 @@ def demo_world() -> Path:
     return root
 
 
-def _captions(path: Path) -> list[str]:
-    data = json.loads(path.read_text())
-    return [str(a["caption"]).strip() for a in sorted(data.get("annotations", []), key=lambda a: a["id"])]
-
-
 def _collections(world: Path, coco: Path | None) -> list[tuple[str, list[Path], list[str]]]:
     """(name, image files, captions) of every collection the default index holds."""
     out = [("shapes", [p.resolve() for p in find_images(world / "images" / "test")],
-            _captions(world / "annotations" / "captions_test.json"))]
+            caption_texts(world / "annotations" / "captions_test.json"))]
     for split in COCO_SPLITS if coco is not None else ():
         captions = coco / "annotations" / f"captions_{split}.json"
         if (coco / split).is_dir() and captions.is_file():
-            out.append((f"coco-{split}", [p.resolve() for p in find_images(coco / split)], _captions(captions)))
+            out.append((f"coco-{split}", [p.resolve() for p in find_images(coco / split)], caption_texts(captions)))
     return out
 
 
@@ -147,28 +143,17 @@ def coco_examples(coco: Path, n: int = 2, split: str = "val2017") -> list[tuple[
 
 def example_queries(world: Path, coco: Path | None) -> list[str]:
     """A few real captions to try: three from the shapes world, two from coco-mini when present."""
-    queries = _captions(world / "annotations" / "captions_test.json")[:15:5]
+    queries = caption_texts(world / "annotations" / "captions_test.json")[:15:5]
     if coco is not None and (coco / "annotations" / "captions_val2017.json").is_file():
-        queries += _captions(coco / "annotations" / "captions_val2017.json")[:10:5]
+        queries += caption_texts(coco / "annotations" / "captions_val2017.json")[:10:5]
     return queries
 
 
-def default_segmenter(backbone: Any) -> Any:
-    """The head shipped with vlkit when ``backbone`` is the model it was trained on; else the backbone alone
-    (the segmentation tab then runs the training-free baseline)."""
-    from vlkit.demos.app import ufo_package
-    from vlkit.errors import VlkitError
-
-    try:
-        return ufo_package().Segmenter.shipped(backbone=backbone)
-    except VlkitError:
-        return backbone
-
-
-def prepare_app(opts: Any) -> Any:
-    """Everything `vlkit demo` needs, loaded (or built once and cached), as an unlaunched app."""
-    from vlkit.commands import load_model_arg
-    from vlkit.demos.app import build_app, ufo_package
+def prepare_app(opts: Any, runs: dict[str, str] | None = None) -> Any:
+    """Everything `vlkit demo` needs, loaded (or built once and cached), as an unlaunched app. ``runs``: trained
+    runs for plugin tabs by their key (``vlkit demo ufo=RUN``)."""
+    from vlkit.cli.common import load_model_arg
+    from vlkit.demos.app import build_app, load_tabs
 
     coco = coco_mini_root(opts.coco)
     if opts.model:
@@ -180,7 +165,6 @@ def prepare_app(opts: Any) -> Any:
         retriever, index_error = open_index(opts.index, backbone)
     else:
         retriever, index_error = default_index(backbone, world, coco), ""
-    segmenter: Any = ufo_package().Segmenter.from_run(opts.ufo) if opts.ufo else default_segmenter(backbone)
     examples = shapes_examples(world) + (coco_examples(coco) if coco is not None else [])
-    return build_app(retriever, segmenter, index_error=index_error, examples=examples,
+    return build_app(retriever, load_tabs(backbone, runs), index_error=index_error, examples=examples,
                      queries=example_queries(world, coco), k=opts.k)

@@ -30,10 +30,10 @@ def make_tiny_demo(root: Path, n_images: int = 8, seed: int = 0, backbone: str |
     """Save ``vlkit-tiny-test`` (random, seeded; or use the saved ``backbone`` folder), write a shapes world
     of ``n_images`` test images and index them with their captions, all under ``root``."""
     from vlkit.backbone import load_backbone
-    from vlkit.commands import IndexArgs
+    from vlkit.cli.index import IndexArgs
     from vlkit.data.shapes import generate_shapes
     from vlkit.demos.resources import shapes_examples
-    from vlkit.sharded import build_index
+    from vlkit.index.sharded import build_index
 
     torch.manual_seed(seed)
     bb_dir = Path(backbone) if backbone else load_backbone("vlkit-tiny-test").save(root / "backbone")

@@ -160,7 +160,7 @@ def _conv_stem_backbone(stem):
 
 
 def test_conv_stem_keeps_the_patch_grid_and_round_trips(batch, tmp_path):
-    from vlkit.backbone.core import ConvStem
+    from vlkit.backbone.stem import ConvStem
     from vlkit.compress.flops import count_flops, flop_model
 
     bb = _conv_stem_backbone([8, 16])

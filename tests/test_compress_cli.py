@@ -113,7 +113,8 @@ def test_prune_refuses_to_replace_a_folder_that_is_not_a_backbone(saved, tmp_pat
 
 
 def test_calibration_from_a_folder_of_images_uses_random_texts_with_a_warning(saved, shapes, capsys):
-    from vlkit.compress_commands import CompressError, calibration_batch
+    from vlkit.compress.calibration import calibration_batch
+    from vlkit.errors import CompressError
 
     bb = load_backbone(saved)
     calib = calibration_batch(bb, str(shapes / "images" / "train"), n=3)

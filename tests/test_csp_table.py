@@ -28,6 +28,7 @@ def test_lr_choice_prefers_the_best_val_auc_and_the_smaller_rate_on_ties():
     assert table.mean_std([0.4]) == (0.4, 0.0)
 
 
+@pytest.mark.slow  # multi-process or over ~15 s on two cores; CI runs it
 def test_protocol_records_the_lr_choice_and_reports_mean_and_std_over_seeds(tmp_path):
     world = tmp_path / "world"
     generate_shapes(world, n_train=0, n_val=0, n_test=0, image_size=32, n_czsl_per_pair=4, progress=False)

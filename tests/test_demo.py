@@ -15,10 +15,10 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from vlkit.backbone import load_backbone
-from vlkit.demos.app import build_app
+from vlkit.demos.app import LoadedTab, build_app, load_tabs
 from vlkit.demos.resources import open_index
 from vlkit.demos.testing import make_tiny_demo, serve
-from vlkit.retriever import Retriever
+from vlkit.index.retriever import Retriever
 
 # Gradio's own pandas calls (its queue statistics) warn under pandas 3; nothing of ours
 GRADIO_NOISE = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
@@ -33,7 +33,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     tiny = make_tiny_demo(root)
     retriever = Retriever.load(tiny.index, progress=False)
-    app = build_app(retriever, retriever.backbone, examples=tiny.examples)
+    app = build_app(retriever, load_tabs(retriever.backbone), examples=tiny.examples)
     url = serve(app)
     try:
         yield tiny, Client(url, verbose=False), root, url
@@ -144,6 +144,7 @@ def test_serves_only_index_and_example_files(demo):
 
 def test_index_of_another_backbone_is_explained_and_a_ufo_head_segments(demo):
     from vlkit_ufo import Segmenter, UfoConfig
+    from vlkit_ufo.demo_tab import SEGMENTATION, segment_tool
     from vlkit_ufo.segment import build_decoder
 
     tiny, _, _, _ = demo
@@ -152,7 +153,8 @@ def test_index_of_another_backbone_is_explained_and_a_ufo_head_segments(demo):
     retriever, message = open_index(str(tiny.index), other)
     assert retriever is None and "does not match the loaded backbone" in message
     segmenter = Segmenter(other, build_decoder(UfoConfig(), other.embed_dim), UfoConfig())  # an untrained head
-    app = build_app(None, segmenter, index_error=message, examples=tiny.examples)
+    app = build_app(None, [LoadedTab(SEGMENTATION, segment_tool(segmenter))], index_error=message,
+                    examples=tiny.examples)
     try:
         client = Client(serve(app), verbose=False)
         gallery, status = client.predict("a red circle", 3, api_name="/search_text")
@@ -183,7 +185,7 @@ def test_a_crafted_index_exposes_no_other_file_and_foreign_hosts_are_refused(dem
     bogus = retriever.embed_texts(["a red circle"])  # the best match for that query, pointing at other files
     retriever.add_vectors("images", torch.cat([bogus, bogus]), metadata=[{"path": "/etc/passwd"},
                                                                          {"path": str(tiny.captions)}])
-    app = build_app(retriever, retriever.backbone, examples=tiny.examples)
+    app = build_app(retriever, load_tabs(retriever.backbone), examples=tiny.examples)
     crafted = serve(app)
     try:
         gallery, status = Client(crafted, verbose=False).predict("a red circle", 5, api_name="/search_text")
@@ -201,11 +203,11 @@ def test_a_crafted_index_exposes_no_other_file_and_foreign_hosts_are_refused(dem
 
 
 def test_the_demo_binds_to_localhost_by_default():
-    from vlkit.demo_command import DemoArgs
+    from vlkit.cli.demo import DemoArgs
     from vlkit.demos.testing import free_port
 
     assert DemoArgs().host == "127.0.0.1"
-    app = build_app(None, None, index_error="no index in this test")
+    app = build_app(None, (), index_error="no index in this test")
     app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)  # no server_name given
     try:
         assert app.server_name == "127.0.0.1"

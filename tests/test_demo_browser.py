@@ -31,17 +31,16 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from vlkit.demos.app import build_app
-    from vlkit.demos.resources import default_segmenter
+    from vlkit.demos.app import build_app, load_tabs
     from vlkit.demos.testing import make_tiny_demo, serve
-    from vlkit.retriever import Retriever
+    from vlkit.index.retriever import Retriever
 
     root = tmp_path_factory.mktemp("demo-browser")
     tiny = make_tiny_demo(root, n_images=int(os.environ.get("VLKIT_DEMO_IMAGES", "8")),
                           backbone=os.environ.get("VLKIT_DEMO_BACKBONE") or None)
     retriever = Retriever.load(tiny.index, progress=False)
     # the shipped head when the backbone is the shipped one (as `vlkit demo`), else training-free
-    app = build_app(retriever, default_segmenter(retriever.backbone), examples=tiny.examples)
+    app = build_app(retriever, load_tabs(retriever.backbone), examples=tiny.examples)
     url = serve(app)
     try:
         yield url, tiny

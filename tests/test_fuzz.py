@@ -24,7 +24,7 @@ from vlkit.data.shapes import generate_shapes
 from vlkit.engine.checkpoint import TrainerState, load_checkpoint, read_state, save_checkpoint
 from vlkit.errors import VlkitError
 from vlkit.index import VectorIndex
-from vlkit.retriever import Retriever
+from vlkit.index.retriever import Retriever
 from vlkit_csp import PromptModel, SoftVocab
 
 MUTATIONS = 12  # per file: truncations and bit flips at seeded random places, plus a deletion

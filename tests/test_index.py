@@ -270,7 +270,7 @@ def test_reserve_keeps_contents_and_results():
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_a_query_batch_takes_the_blas_path_with_the_same_results_as_one_query_at_a_time(metric):
-    from vlkit.index_faiss import BLAS_MIN_QUERIES
+    from vlkit.index.faiss_ops import BLAS_MIN_QUERIES
 
     rng = np.random.default_rng(3)
     x, q = unit(rng, 500), unit(rng, 3 * BLAS_MIN_QUERIES)

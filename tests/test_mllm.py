@@ -113,6 +113,7 @@ def test_a_masked_head_changes_the_output_exactly_as_the_narrower_model(tiny, tm
         assert torch.equal(again.encode_text(tokens), narrow[1])
 
 
+@pytest.mark.slow  # multi-process or over ~15 s on two cores; CI runs it
 def test_retrieval_trains_on_the_mllm_with_the_loss_falling(world, tmp_path):
     plugin, cfg = resolve_config([
         "plugin=retrieval", "model=tiny-llava-test", f"data.root={world}", f"run.dir={tmp_path / 'r'}",
@@ -128,6 +129,7 @@ def test_retrieval_trains_on_the_mllm_with_the_loss_falling(world, tmp_path):
     assert saved.kind == "mllm" and (tmp_path / "r" / "adapter" / "adapter.json").is_file()
 
 
+@pytest.mark.slow  # multi-process or over ~15 s on two cores; CI runs it
 def test_captioning_lowers_the_loss_and_scores_greedy_captions(world, tmp_path):
     plugin, cfg = resolve_config([
         "plugin=caption", "model=tiny-llava-test", f"data.root={world}", f"run.dir={tmp_path / 'c'}",
@@ -222,7 +224,7 @@ def test_caption_command_prints_a_caption_and_refuses_a_clip_model(tiny, tmp_pat
 
 
 def test_the_retriever_indexes_and_searches_with_the_mllm(tiny, world, tmp_path):
-    from vlkit.retriever import Retriever
+    from vlkit.index.retriever import Retriever
 
     retriever = Retriever(tiny, num_workers=0, progress=False)
     retriever.add_images(world / "images" / "test")

@@ -10,6 +10,7 @@ from vlkit.cli import resolve_config
 from vlkit.compress import prune_backbone
 from vlkit.data.shapes import generate_shapes
 from vlkit.engine.run import train
+from vlkit.plugins import get_plugin, list_plugins
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def world(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("plugin", ["retrieval", "csp", "ufo"])
+@pytest.mark.parametrize("plugin", [n for n in list_plugins() if "clip" in get_plugin(n).backbones])
 def test_pruned_backbone_runs_in_every_plugin(plugin, pruned_dir, world, tmp_path):
     reloaded = load_backbone(pruned_dir)
     assert reloaded.pruned_spec() is not None
@@ -41,5 +42,5 @@ def test_pruned_backbone_runs_in_every_plugin(plugin, pruned_dir, world, tmp_pat
         args.append("retrieval.export_as=")
     p, cfg = resolve_config(args)
     metrics = train(cfg, p)
-    headline = {"retrieval": "rsum", "csp": "AUC", "ufo": "segm/AP"}[plugin]
+    headline = p.headline_metric
     assert metrics["step"] == 2 and 0.0 <= metrics["test"][headline] < float("inf")

@@ -62,6 +62,7 @@ def _test_r1(world, model) -> float:
     return _r1(evaluate(cfg, plugin)["test"])
 
 
+@pytest.mark.slow  # multi-process or over ~15 s on two cores; CI runs it
 def test_prune_then_recover_raises_recall_and_leaves_the_recovered_model_in_out(world, tmp_path):
     teacher = TEACHER
     dense = _test_r1(world, teacher)

@@ -15,7 +15,7 @@ from vlkit.data.shapes import generate_shapes
 from vlkit.engine.run import train
 from vlkit.errors import VlkitError
 from vlkit.index import IndexMismatchError
-from vlkit.retriever import Retriever
+from vlkit.index.retriever import Retriever
 from vlkit_retrieval.config import RetrievalConfig
 from vlkit_retrieval.lora import add_lora, load_adapter, merge_lora, save_adapter
 from vlkit_retrieval.task import caption_positives

@@ -79,9 +79,11 @@ def test_segment_without_a_backbone_uses_the_shipped_head(segmenter, fresh_world
 
 def test_the_demo_uses_the_shipped_head_only_on_its_own_backbone(segmenter):
     from vlkit.backbone import load_backbone
-    from vlkit.demos.resources import default_segmenter
+    from vlkit_ufo.demo_tab import SEGMENTATION
 
-    chosen = default_segmenter(segmenter.backbone)
-    assert isinstance(chosen, Segmenter) and chosen.head is not None and chosen.backbone is segmenter.backbone
+    chosen = SEGMENTATION.load(segmenter.backbone, "")
+    assert chosen.mode == "trained ufo head" and chosen.backbone is segmenter.backbone
+    assert chosen.threshold == round(segmenter.threshold, 2)
     other = load_backbone("vlkit-tiny-conv")  # the same architecture with other (random) weights
-    assert default_segmenter(other) is other  # the tab falls back to the training-free baseline
+    fallback = SEGMENTATION.load(other, "")  # the tab falls back to the training-free baseline
+    assert fallback.backbone is other and fallback.mode.startswith("training-free")

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from vlkit.data.shapes import generate_shapes
+from vlkit.plugins import list_plugins
 
 SCRIPT = Path(__file__).parent / "scripts" / "sigterm_at_step.py"
 COMMON = ["model=tiny-test", "train.progress=false", "train.best_metric=", "train.checkpoint_every=0",
@@ -27,6 +28,8 @@ def world(tmp_path_factory):
 
 
 def _plugin_args(plugin: str, world: Path) -> list[str]:
+    """Each bundled plugin's data and the source of randomness its resume must restore; any other installed
+    plugin runs on the shapes world with its own defaults."""
     if plugin == "retrieval":  # random caption draws and hard negatives: the dataset's own randomness
         return ["plugin=retrieval", f"data.root={world}", "train.batch_size=6", "retrieval.hard_negatives=true"]
     if plugin == "csp":  # attribute dropout draws from the global RNG in every step
@@ -34,7 +37,9 @@ def _plugin_args(plugin: str, world: Path) -> list[str]:
     if plugin == "caption":  # the MLLM backbone: random caption draws, dropout-free transformers layers
         return ["plugin=caption", "model=tiny-llava-test", f"data.root={world}", "train.batch_size=6",
                 "caption.vision_from="]
-    return ["plugin=ufo", f"data.root={world}", "data.image_size=32", "train.batch_size=6"]
+    if plugin == "ufo":
+        return ["plugin=ufo", f"data.root={world}", "data.image_size=32", "train.batch_size=6"]
+    return [f"plugin={plugin}", f"data.root={world}", "train.batch_size=6"]
 
 
 def _train(run: Path, k: int, args: list[str], *extra: str) -> subprocess.CompletedProcess:
@@ -43,7 +48,8 @@ def _train(run: Path, k: int, args: list[str], *extra: str) -> subprocess.Comple
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("plugin", ["retrieval", "csp", "ufo", "caption"])
+@pytest.mark.slow  # multi-process or over ~15 s on two cores; CI runs it
+@pytest.mark.parametrize("plugin", list_plugins())
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(plugin, world, tmp_path):
     own = _plugin_args(plugin, world)
     args = [*(a for a in COMMON if not (a.startswith("model=") and any(o.startswith("model=") for o in own))), *own]

@@ -69,7 +69,7 @@ def _build(root: Path, *extra: str):
 
 def test_plugin_loads_by_name_and_composes_its_config():
     plugin = get_plugin("ufo")
-    assert plugin.name == "ufo" and plugin.demo is not None
+    assert plugin.name == "ufo" and plugin.segment is not None and plugin.demo_tab.key == "ufo"
     _, cfg = resolve_config(["plugin=ufo"])
     assert cfg.model.name == "cached:vlkit-tiny-shapes" and cfg.ufo.method == "head"
     assert cfg.train.best_metric == "segm/AP"
@@ -281,7 +281,8 @@ def test_segment_returns_masks_at_the_original_size(world):
 
 
 def test_segmenter_loads_a_run_and_demo_writes_the_overlay(world, trained_run, tmp_path):
-    from vlkit_ufo import Segmenter, demo
+    from vlkit_ufo import Segmenter
+    from vlkit_ufo.segment import segment_to_file
 
     run, _ = trained_run
     seg = Segmenter.from_run(run)
@@ -290,7 +291,7 @@ def test_segmenter_loads_a_run_and_demo_writes_the_overlay(world, trained_run, t
     found = seg(image, "circle", threshold=0.0)
     assert all(i.mask.shape == (32, 32) for i in found)
     out = tmp_path / "overlay.png"
-    assert len(demo(str(image), "circle", str(run / "checkpoints" / "last"), str(out), threshold=0.0)) == len(found)
+    assert len(segment_to_file(str(image), "circle", str(run / "checkpoints" / "last"), str(out), threshold=0.0)) == len(found)
     drawn = Image.open(out)
     assert drawn.size == (256, 256)  # 32 px upscaled 8x so the labels are legible
 

@@ -74,3 +74,16 @@ def provide_backbone(name: str) -> Path:
         f"no backbone named {name!r}: vlkit ships {', '.join(shipped) or 'none'}, and {backbone_dir(name)} holds "
         f"none. Train one and export it under that name: vlkit train plugin=retrieval retrieval.export_as={name}"
     )
+
+
+def backbone_kind(name: str) -> str:
+    """"mllm" or "clip" for a model name, without loading it (cached:NAME resolved to its folder)."""
+    from vlkit.backbone.core import is_mllm_source
+
+    if name.startswith("cached:"):
+        from vlkit.backbone.shipped import WEIGHTS_DIR
+
+        short = name[len("cached:"):]
+        folder = WEIGHTS_DIR / short if (WEIGHTS_DIR / short).is_dir() else cached_backbone(short)
+        name = str(folder) if folder is not None else name
+    return "mllm" if is_mllm_source(name) else "clip"

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from vlkit.errors import VlkitError
@@ -22,6 +22,13 @@ class ConfigError(VlkitError, ValueError):
 def bounded(default: Any, low: float) -> Any:
     """A schema field with a lowest allowed value, checked by ``validate`` before any work starts."""
     return field(default=default, metadata={"low": low})
+
+
+def one_of(default: str, *choices: str) -> Any:
+    """A string schema field that must be one of ``choices`` (``default`` is one), checked before any work."""
+    if default not in choices:
+        raise ValueError(f"one_of: the default {default!r} is not among the choices {choices}")
+    return field(default=default, metadata={"choices": tuple(choices)})
 
 
 @dataclass
@@ -57,7 +64,7 @@ class DataConfig:
     limit_train: int = bounded(0, 0)
     limit_eval: int = bounded(0, 0)
     # raise = stop at the first unreadable image; skip = leave it out and report it.
-    on_error: str = "raise"
+    on_error: str = one_of("raise", "raise", "skip")
     num_workers: int = bounded(0, 0)
 
 
@@ -69,7 +76,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     # cosine | constant | linear, after a linear warmup
-    scheduler: str = "cosine"
+    scheduler: str = one_of("cosine", "cosine", "constant", "linear")
     warmup_steps: int = bounded(100, 0)
     # max gradient norm; 0 disables clipping
     grad_clip: float = bounded(1.0, 0.0)
@@ -84,7 +91,7 @@ class TrainConfig:
     eval_batch_size: int = bounded(256, 1)
     grad_accum: int = bounded(1, 1)
     # no | fp16 | bf16 (Accelerate's mixed precision)
-    mixed_precision: str = "no"
+    mixed_precision: str = one_of("no", "no", "fp16", "bf16")
     seed: int = 0
     log_every: int = bounded(20, 1)
     # evaluate on val every N steps (0 = at the end of each epoch)
@@ -93,9 +100,9 @@ class TrainConfig:
     checkpoint_every: int = bounded(200, 0)
     # metric that selects the 'best' checkpoint, and whether higher is better
     best_metric: str = ""
-    best_mode: str = "max"
+    best_mode: str = one_of("max", "max", "min")
     # optional Accelerate tracker: tensorboard | none
-    tracker: str = "none"
+    tracker: str = one_of("none", "none", "tensorboard")
     progress: bool = True
     cpu: bool = False
 
@@ -188,18 +195,25 @@ def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
         low = f.metadata.get("low")
         if low is not None and value is not None and value < low:
             raise ConfigError(f"bad value for config key {prefix + f.name!r}: {value} (it must be >= {low})")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"bad value for config key {prefix + f.name!r}: {value!r} (one of "
+                              f"{', '.join(choices)}){did_you_mean(str(value), list(choices))}")
 
 
-def _compose_raw(name: str, overrides: list[str]) -> DictConfig:
+def _compose_raw(name: str, overrides: list[str], search_path: tuple[Path, ...] = ()) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
+    if search_path:  # plugin-shipped config folders (their plugin/<name>.yaml, experiments, models ...)
+        overrides = [*overrides, "hydra.searchpath=[" + ",".join(f"file://{p}" for p in search_path) + "]"]
     try:
         with initialize_config_dir(str(config_dir()), version_base=None, job_name="vlkit"):
             return compose(name, overrides=overrides)
     except MissingConfigException as exc:
         msg = str(exc).split("\nConfig search path")[0]
-        raise ConfigError(f"{msg}\n(config files live in {config_dir()})") from None
+        where = ", ".join(str(p) for p in (config_dir(), *search_path))
+        raise ConfigError(f"{msg}\n(config files live in {where})") from None
     except ConfigCompositionException as exc:
         cause = exc.__cause__
         if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
@@ -209,19 +223,52 @@ def _compose_raw(name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"could not parse the overrides {overrides}: {exc}") from None
 
 
+def _check_no_shadowing(search_path: tuple[Path, ...]) -> None:
+    """A plugin's config file named like one of vlkit's would be silently ignored (vlkit's are searched first)."""
+    for extra in search_path:
+        for group in GROUPS:
+            for path in sorted((Path(extra) / group).glob("*.yaml")):
+                if (config_dir() / group / path.name).is_file():
+                    raise ConfigError(f"{path} has the name of vlkit's own {group}/{path.name}, which Hydra finds "
+                                      f"first, so the plugin's file would never be used; rename it (e.g. prefix "
+                                      f"it with the plugin's name)")
+
+
+def _ensure_group_entry(plugin_name: str, search_path: tuple[Path, ...]) -> None:
+    """A plugin that ships no plugin/<name>.yaml still composes: it gets a minimal group entry."""
+    from hydra.core.config_store import ConfigStore
+
+    if plugin_name not in group_options(search_path).get("plugin", []):
+        ConfigStore.instance().store(group="plugin", name=plugin_name, node={"plugin": plugin_name},
+                                     package="_global_")
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = (), name: str = "train",
-                   plugin_config: type | None = None) -> DictConfig:
+                   plugin_config: type | None = None, search_path: tuple[Path, ...] = (),
+                   plugin_name: str = "") -> DictConfig:
     """Compose configs/<name>.yaml with Hydra-style ``key=value`` overrides and validate it.
 
     ``plugin_config`` is the dataclass schema of the selected plugin's section; the caller (the CLI)
     resolves the plugin first so an unknown plugin fails with a did-you-mean before anything else.
+    ``search_path``: config folders the plugin ships (searched after vlkit's own); ``plugin_name``: the selected
+    plugin, given a minimal config entry when no folder holds its plugin/<name>.yaml.
     """
+    if plugin_name:
+        _ensure_group_entry(plugin_name, tuple(search_path))
     # keys were checked against the schema already; '++' lets Hydra set keys the yaml files leave to
     # the schema's defaults (group selections such as plugin=csp stay as they are)
     overrides = [o if o.split("=", 1)[0].lstrip("+~") in GROUPS or o.startswith(("+", "~"))
                  else "++" + o for o in overrides]
-    raw = _compose_raw(name, overrides)
-    plugin = str(raw.get("plugin", "retrieval"))
+    _check_no_shadowing(tuple(search_path))
+    raw = _compose_raw(name, overrides, tuple(search_path))
+    if not isinstance(raw.get("plugin", ""), str):
+        raise ConfigError(f"the key 'plugin' composed to a {type(raw.get('plugin')).__name__}, not a name: a "
+                          f"plugin's plugin/<name>.yaml must begin with the line '# @package _global_' so its keys "
+                          f"(plugin: <name>, <name>: ..., train: ...) land at the top level")
+    plugin = plugin_name or str(raw.get("plugin", "retrieval"))
+    if plugin_name:
+        with open_dict(raw):  # the selected plugin, whether or not its YAML repeats `plugin: <name>`
+            raw.plugin = plugin_name
     schema = schema_for(plugin, plugin_config)
     try:
         return validate(raw, schema)
@@ -282,16 +329,16 @@ def describe(schema: type, prefix: str = "", values: Any = None) -> list[str]:
         if given is not None:
             default = OmegaConf.to_container(given) if OmegaConf.is_config(given) else given
         tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        lines.append(f"  {prefix}{f.name} ({tname}) = {default!r}")
+        choices = f.metadata.get("choices")
+        lines.append(f"  {prefix}{f.name} ({tname}) = {default!r}" + (f" (one of {', '.join(choices)})" if choices else ""))
     return lines
 
 
-def group_options() -> dict[str, list[str]]:
-    root = config_dir()
-    return {
-        g: sorted(p.stem for p in (root / g).glob("*.yaml"))
-        for g in GROUPS if (root / g).is_dir()
-    }
+def group_options(search_path: tuple[Path, ...] | list[Path] = ()) -> dict[str, list[str]]:
+    """Options of each config group in vlkit's configs/ and in the given plugin config folders."""
+    roots = [config_dir(), *search_path]
+    found = {g: sorted({p.stem for root in roots for p in (Path(root) / g).glob("*.yaml")}) for g in GROUPS}
+    return {g: options for g, options in found.items() if options}
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -11,3 +11,7 @@ class DataNotFoundError(VlkitError, FileNotFoundError):
 
 class DataFormatError(VlkitError, ValueError):
     """A data file exists but does not hold what its format promises; the message names it."""
+
+
+class CompressError(VlkitError, ValueError):
+    """Bad input to a compression command (a key's value, a calibration source, an output folder)."""

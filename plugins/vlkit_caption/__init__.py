@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vlkit.plugins import Plugin
+from vlkit.plugins import Plugin, settings
 from vlkit_caption.config import CaptionConfig
 from vlkit_caption.data import build_data
 
@@ -20,7 +20,7 @@ from vlkit_caption.data import build_data
 def build_task(cfg: DictConfig, backbone, data):
     from vlkit_caption.task import CaptionTask
 
-    cc = CaptionConfig(**cfg.caption)
+    cc = settings(cfg, CaptionConfig)
     if cc.vision_from and getattr(backbone, "random_init", False) and not cfg.checkpoint:
         start_vision_from_clip(backbone, cc, data, cfg)
     elif cc.vision_from:  # a trained MLLM (or a checkpoint about to be loaded) keeps its own tower
@@ -75,6 +75,8 @@ plugin = Plugin(
     config=CaptionConfig,
     build_data=build_data,
     build_task=build_task,
+    headline_metric="pair_f1",
+    configs=str(Path(__file__).parent / "configs"),
     after_fit=after_fit,
     backbones=("mllm",),
     description="image captioning on an MLLM backbone (next-token loss); colour/shape word F1 of greedy captions",

@@ -14,7 +14,8 @@ from vlkit.cache import ensure_shapes
 from vlkit.data.captions import DecodedImages, RandomCaption, Scenes
 from vlkit.data.coco import CocoCaptions
 from vlkit.errors import VlkitError
-from vlkit.plugins import DataBundle
+from vlkit.plugins import DataBundle, settings
+from vlkit_caption.config import CaptionConfig
 
 
 class EvalImages(Dataset):
@@ -48,14 +49,15 @@ def build_data(cfg: DictConfig, backbone) -> DataBundle:
         scenes[split] = Scenes.read(root / cfg.data.instances.format(split=name), sets[split].image_ids)
         if scenes[split] is None:
             raise VlkitError(f"{root}: the {split} instances file does not describe every scene; regenerate the world")
+    cc = settings(cfg, CaptionConfig, "caption")
     side = backbone.image_size
     decoded = None
-    if cfg.caption.preload_mb > 0 and len(sets["train"]) * side * side * 3 <= cfg.caption.preload_mb * 2**20:
+    if cc.preload_mb > 0 and len(sets["train"]) * side * side * 3 <= cc.preload_mb * 2**20:
         decoded = DecodedImages(sets["train"], backbone.preprocess, progress=cfg.train.progress)
     train: Dataset = RandomCaption(sets["train"], decoded=decoded, seed=cfg.train.seed)
     if cfg.data.limit_train:
         train = Subset(train, range(min(cfg.data.limit_train, len(train))))
-    max_tokens = int(cfg.caption.max_caption_tokens)
+    max_tokens = int(cc.max_caption_tokens)
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         images = torch.stack([it["image"] for it in items])

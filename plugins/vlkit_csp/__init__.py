@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vlkit.plugins import Plugin
 from vlkit_csp.config import METHODS, CSPConfig
 from vlkit_csp.data import build_data
@@ -14,6 +16,8 @@ plugin = Plugin(
     config=CSPConfig,
     build_data=build_data,
     build_task=build_task,
+    headline_metric="AUC",
+    configs=str(Path(__file__).parent / "configs"),
     after_fit=after_fit,
     report=report,
     description=(f"compositional zero-shot learning on a frozen CLIP: csp.method={'|'.join(METHODS)} "

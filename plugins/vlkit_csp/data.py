@@ -11,8 +11,8 @@ from torch.utils.data import Dataset
 from vlkit.backbone import Backbone
 from vlkit.data.czsl import CZSLDataset
 from vlkit.errors import VlkitError
-from vlkit.plugins import DataBundle
-from vlkit_csp.config import check_config, resolve_auto
+from vlkit.plugins import DataBundle, settings
+from vlkit_csp.config import CSPConfig, check_config, resolve_auto
 
 
 def czsl_root(data: DictConfig) -> Path:
@@ -52,9 +52,10 @@ class IndexedSplit(Dataset):
 
 
 def build_data(cfg: DictConfig, backbone: Backbone) -> DataBundle:
-    check_config(cfg.csp)
+    csp = settings(cfg, CSPConfig, "csp")
+    check_config(csp)
     root = czsl_root(cfg.data)
-    split_name, template = resolve_auto(cfg.csp, cfg.data.name)
+    split_name, template = resolve_auto(csp, cfg.data.name)
 
     def split(name: str, transform: Any, limit: int) -> IndexedSplit:
         return IndexedSplit(CZSLDataset(root, name, transform, split_name=split_name), limit)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,7 +22,7 @@ from vlkit.metrics.czsl import (
     feasibility_scores,
     plot_curve,
 )
-from vlkit.plugins import DataBundle
+from vlkit.plugins import DataBundle, settings
 from vlkit_csp.config import CSPConfig, resolve_auto
 from vlkit_csp.model import PromptModel
 from vlkit_csp.vocab import Pair, clean_name, parse_pairs
@@ -222,7 +222,7 @@ def _print_pairs(rows: list[dict[str, Any]], names: list[str], unknown: list[str
 def build_task(cfg: DictConfig, backbone: Backbone, data: DataBundle) -> CSPTask:
     if "attrs" not in data.info:
         raise VlkitError("plugin csp's task needs the data from its own build_data (attrs, objs, pair splits in info)")
-    csp = OmegaConf.to_object(cfg.csp) if isinstance(cfg.csp, DictConfig) else cfg.csp
+    csp = settings(cfg, CSPConfig, "csp")
     csp.split_name, csp.template = resolve_auto(csp, cfg.data.name)
     return CSPTask(csp, backbone, data, cfg.train.eval_batch_size)
 

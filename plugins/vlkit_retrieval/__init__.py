@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vlkit.plugins import Plugin
+from vlkit.plugins import Plugin, settings
 from vlkit_retrieval.config import RetrievalConfig
 from vlkit_retrieval.data import build_data
 
@@ -20,7 +20,7 @@ def build_task(cfg: DictConfig, backbone, data):
     from vlkit_retrieval.task import RetrievalTask
 
     check_export_name(cfg)
-    return RetrievalTask(backbone, RetrievalConfig(**cfg.retrieval), {"val": data.val, "test": data.test})
+    return RetrievalTask(backbone, settings(cfg, RetrievalConfig), {"val": data.val, "test": data.test})
 
 
 def after_fit(cfg: DictConfig, task, run_dir: Path, metrics: dict[str, Any], backbone) -> dict[str, Any]:
@@ -66,13 +66,24 @@ def check_export_name(cfg: DictConfig) -> None:
         )
 
 
+def recovery(teacher: str, task_weight: float) -> list[str]:
+    """The retrieval keys of recovery by distillation (`vlkit prune ... recover_steps=N`): the unpruned model as
+    teacher (similarity relations both ways + embeddings, vlkit.compress.distill), the contrastive/ranking loss at
+    ``task_weight``, the temperature taken from the student as it is."""
+    return [f"retrieval.distill_from={teacher}", f"retrieval.task_weight={task_weight}",
+            "retrieval.init_temperature=0"]
+
+
 plugin = Plugin(
     name="retrieval",
     config=RetrievalConfig,
     build_data=build_data,
     build_task=build_task,
+    headline_metric="rsum",
+    configs=str(Path(__file__).parent / "configs"),
     after_fit=after_fit,
     report=report,
+    recovery=recovery,
     backbones=("clip", "mllm"),
     description="bidirectional image-text retrieval (VSE++ hinge / InfoNCE), Recall@K both ways",
 )

@@ -15,7 +15,8 @@ from vlkit.cache import ensure_shapes
 from vlkit.data.captions import DecodedImages, RandomCaption, Scenes
 from vlkit.data.coco import CocoCaptions
 from vlkit.errors import VlkitError
-from vlkit.plugins import DataBundle
+from vlkit.plugins import DataBundle, settings
+from vlkit_retrieval.config import RetrievalConfig
 from vlkit_retrieval.losses import positive_mask
 
 POSITIVES = ("auto", "scene", "caption")
@@ -60,7 +61,7 @@ def data_root(cfg: DictConfig) -> Path:
 
 
 def build_data(cfg: DictConfig, backbone: Backbone) -> DataBundle:
-    rc = cfg.retrieval
+    rc = settings(cfg, RetrievalConfig, "retrieval")
     if rc.positives not in POSITIVES:
         raise VlkitError(f"retrieval.positives={rc.positives!r} is not one of {', '.join(POSITIVES)}")
     root = data_root(cfg)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .head import _upsample_factor, assemble_masks
+from .head import assemble_masks, upsample_factor
 
 __all__ = ["AnchoredHead", "anchor_centres", "matrix_nms"]
 
@@ -77,7 +77,7 @@ class AnchoredHead(nn.Module):
                  pos_sigma: float = 0.08, pixel_branch: bool = True, pixel_depth: int = 4,
                  context_layers: int = 1, hidden: int = 256) -> None:
         super().__init__()
-        self.r = _upsample_factor(num_mask_embeds)
+        self.r = upsample_factor(num_mask_embeds)
         self.embed_dim, self.width, self.num_mask_embeds, self.pos_dim = embed_dim, width, num_mask_embeds, pos_dim
         self.mask_dim = width + pos_dim
         self.feat_proj = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, width))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -26,10 +27,7 @@ from torchvision.transforms import Normalize
 from vlkit.data.coco import CocoInstances
 from vlkit.data.images import ImageLoadError, load_image
 from vlkit.errors import VlkitError
-from vlkit.plugins import DataBundle
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from vlkit.plugins import DataBundle, settings
 
 
 class UfoDataError(VlkitError, ValueError):
@@ -40,7 +38,8 @@ class UfoDataError(VlkitError, ValueError):
 class ImageTransform:
     """PIL image -> normalised [3, S, S] by a plain bicubic resize (see the module docstring)."""
 
-    def __init__(self, size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> None:
+    def __init__(self, size: int, mean: Sequence[float] = OPENAI_DATASET_MEAN,
+                 std: Sequence[float] = OPENAI_DATASET_STD) -> None:
         self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
 
     @classmethod
@@ -321,10 +320,10 @@ def open_split(data: DictConfig, split: str) -> CocoInstances:
 
 def build_data(cfg: DictConfig, backbone: Any) -> DataBundle:
     """Training queries on the train split, per-image evaluation on val and test (shared if the same)."""
-    from .config import check_config
+    from .config import UfoConfig, check_config
 
-    check_config(cfg.ufo)
-    u, d = cfg.ufo, cfg.data
+    u, d = settings(cfg, UfoConfig, "ufo"), cfg.data
+    check_config(u)
     sources = {"train": open_split(d, "train")}
     for split in ("val", "test"):
         same = [s for s in sources if getattr(d, f"{s}_split") == getattr(d, f"{split}_split")]

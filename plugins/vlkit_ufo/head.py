@@ -11,7 +11,8 @@ from torch import Tensor
 __all__ = ["assemble_masks", "masks_to_boxes", "training_free_logits"]
 
 
-def _upsample_factor(num_embeds: int) -> int:
+def upsample_factor(num_embeds: int) -> int:
+    """r for ``num_embeds`` = r*r mask embeddings per instance (masks come out at r x the feature grid)."""
     r = math.isqrt(num_embeds)
     if r * r != num_embeds:
         raise ValueError(f"the number of mask embeddings must be a square r*r, got {num_embeds}")
@@ -38,7 +39,7 @@ def assemble_masks(mask_emb: Tensor, feats: Tensor, out_size: tuple[int, int] | 
     b, n, k, c = mask_emb.shape
     if feats.shape[0] != b or feats.shape[-1] != c:
         raise ValueError(f"batch/channel mismatch: mask_emb {tuple(mask_emb.shape)} vs feats {tuple(feats.shape)}")
-    r = _upsample_factor(k)
+    r = upsample_factor(k)
     h, w = feats.shape[1:3]
     maps = torch.einsum("bnkc,bhwc->bnkhw", mask_emb, feats.to(mask_emb.dtype)) / math.sqrt(c)
     logits = F.pixel_shuffle(maps.reshape(b * n, k, h, w), r)  # [B*N, 1, r*h, r*w]

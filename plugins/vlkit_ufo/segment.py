@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
+from vlkit.backbone.lora import LoraSpec, add_lora, merge_lora
 from vlkit.data.images import load_image
 from vlkit.errors import VlkitError
 
@@ -24,8 +25,10 @@ from .anchored import AnchoredHead
 from .data import ImageTransform
 from .head import masks_to_boxes, training_free_logits
 from .mllm import MllmSegmenter
+from .shipped import DEFAULT_HEAD, run_threshold, shipped_head
 
-DEFAULT_HEAD = "shapes-head"  # the head shipped in vlkit_ufo/weights (vlkit_ufo.shipped)
+if TYPE_CHECKING:
+    from .config import UfoConfig
 
 
 @dataclass
@@ -212,10 +215,6 @@ class Segmenter:
             return cls(backbone, head, cfg.ufo, threshold=run_threshold(run))
         head = build_decoder(cfg.ufo, backbone.embed_dim) if cfg.ufo.method == "head" else None
         if head is not None:
-            from vlkit.backbone.lora import add_lora, merge_lora
-
-            from .task import lora_spec
-
             if cfg.ufo.lora_rank:
                 add_lora(backbone, lora_spec(cfg.ufo, backbone))
             state = load_file(str(find_checkpoint(run, prefer) / WEIGHTS_FILE))
@@ -238,7 +237,6 @@ class Segmenter:
         from vlkit.engine.run import load_model, set_seed
 
         from .config import UfoConfig
-        from .shipped import shipped_head
 
         meta, weights = shipped_head(name) if root is None else shipped_head(name, Path(root))
         try:
@@ -292,22 +290,6 @@ def run_classes(cfg: Any) -> list[str]:
         return []
 
 
-def run_threshold(run: Path, default: float = 0.5) -> float:
-    """The F1-best score threshold on val of a ufo run (its latest ``eval_val.json``, else ``metrics.json``)."""
-    import json
-
-    for name, key in (("eval_val.json", None), ("metrics.json", "val")):
-        try:
-            data = json.loads((run / name).read_text())
-        except (OSError, ValueError):
-            continue
-        metrics = data.get(key or "val", data) if isinstance(data, dict) else {}
-        value = metrics.get("segm/F1_threshold") if isinstance(metrics, dict) else None
-        if isinstance(value, int | float):
-            return float(value)
-    return default
-
-
 @functools.lru_cache(maxsize=1)
 def default_segmenter() -> Segmenter:
     """``Segmenter.shipped()``, loaded on first use and kept."""
@@ -319,6 +301,16 @@ def build_decoder(ufo_cfg: Any, embed_dim: int) -> AnchoredHead:
     return AnchoredHead(embed_dim, width=c.width, num_mask_embeds=c.num_mask_embeds, pos_dim=c.pos_dim,
                         pos_sigma=c.pos_sigma, pixel_branch=c.pixel_branch, pixel_depth=c.pixel_depth,
                         context_layers=c.context_layers)
+
+
+def lora_spec(cfg: UfoConfig, backbone: Any) -> LoraSpec:
+    """The adapters ``ufo.lora_rank`` puts on the image tower; never on layers the dense path skips."""
+    exclude = []
+    if cfg.dense_mode != "plain":
+        last = len(backbone.model.visual.transformer.resblocks) - 1
+        exclude.append(f"visual.transformer.resblocks.{last}.mlp")
+    return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=list(cfg.lora_targets), tower="image",
+                    exclude=exclude)
 
 
 def load_task_weights(state: dict[str, Tensor], backbone: Any, head: AnchoredHead) -> None:
@@ -335,8 +327,8 @@ def load_task_weights(state: dict[str, Tensor], backbone: Any, head: AnchoredHea
             raise VlkitError(f"checkpoint backbone tensors do not fit the run's model: {bad[:3]}")
 
 
-def demo(image: str, query: str, checkpoint: str = "", out: str = "overlay.png",
-         threshold: float | None = None) -> list[Instance]:
+def segment_to_file(image: str, query: str, checkpoint: str = "", out: str = "overlay.png",
+                    threshold: float | None = None) -> list[Instance]:
     """What ``vlkit segment image=... query=... [checkpoint=RUN] out=overlay.png`` runs: segment one image
     with a trained run (default: the shipped head on the shipped backbone) and write the overlay PNG;
     prints one line per instance. ``threshold`` None: the run's (or the shipped head's) F1-best on val."""

@@ -22,12 +22,25 @@ from typing import Any
 from vlkit.errors import VlkitError
 from vlkit.io import atomic_directory, file_digests, read_json_file, seal, unseal, verify_digests
 
-from .segment import DEFAULT_HEAD, run_threshold
-
+DEFAULT_HEAD = "shapes-head"  # the head shipped in vlkit_ufo/weights
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 HEAD_WEIGHTS, HEAD_META = "head.safetensors", "head.json"
 MAX_BYTES = 20 * 2**20
 _FIX = "reinstall vlkit, or rebuild it: python -m vlkit_ufo.shipped RUN_DIR"
+
+
+def run_threshold(run: Path, default: float = 0.5) -> float:
+    """The F1-best score threshold on val of a ufo run (its latest ``eval_val.json``, else ``metrics.json``)."""
+    for name, key in (("eval_val.json", None), ("metrics.json", "val")):
+        try:
+            data = json.loads((run / name).read_text())
+        except (OSError, ValueError):
+            continue
+        metrics = data.get(key or "val", data) if isinstance(data, dict) else {}
+        value = metrics.get("segm/F1_threshold") if isinstance(metrics, dict) else None
+        if isinstance(value, int | float):
+            return float(value)
+    return default
 
 
 def shipped_head(name: str = DEFAULT_HEAD, root: Path = WEIGHTS_DIR) -> tuple[dict[str, Any], Path]:

@@ -7,18 +7,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from pycocotools.coco import COCO
 from torch import Tensor, nn
 
-from vlkit.backbone.lora import LoraSpec, add_lora
+from vlkit.backbone.lora import add_lora
 from vlkit.errors import VlkitError
 from vlkit.metrics.coco_eval import coco_evaluate, f1_operating_point, instances_to_coco_results
 from vlkit.metrics.segmentation import MeanIoU, confusion_matrix
-from vlkit.plugins import DataBundle
 
 from .anchored import anchor_centres
-from .config import UfoConfig, check_config
+from .config import UfoConfig
 from .data import Vocabulary
 from .losses import LossWeights, mask_terms, objectness_focal_loss
 from .matching import anchor_match
@@ -26,6 +24,7 @@ from .segment import (
     build_decoder,
     component_instances,
     encode_queries,
+    lora_spec,
     threshold_instances,
     training_free_probs,
 )
@@ -102,16 +101,6 @@ def _unfreeze_image_tower(backbone: Any, dense_mode: str) -> None:
         for name in ("ln_2", "mlp", "ls_2"):
             if hasattr(last, name):
                 getattr(last, name).requires_grad_(False)
-
-
-def lora_spec(cfg: UfoConfig, backbone: Any) -> LoraSpec:
-    """The adapters ``ufo.lora_rank`` puts on the image tower; never on layers the dense path skips."""
-    exclude = []
-    if cfg.dense_mode != "plain":
-        last = len(backbone.model.visual.transformer.resblocks) - 1
-        exclude.append(f"visual.transformer.resblocks.{last}.mlp")
-    return LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=list(cfg.lora_targets), tower="image",
-                    exclude=exclude)
 
 
 class UfoTask(nn.Module):
@@ -311,15 +300,3 @@ class UfoTask(nn.Module):
         metrics["images"] = float(len(image_ids))
         metrics["detections"] = float(len(results))
         return metrics
-
-
-def build_task(cfg: DictConfig, backbone: Any, data: DataBundle) -> UfoTask:
-    ufo = OmegaConf.to_object(cfg.ufo) if isinstance(cfg.ufo, DictConfig) else cfg.ufo
-    check_config(ufo)
-    info = data.info
-    if getattr(backbone, "kind", "clip") == "mllm":
-        from .mllm_task import MllmUfoTask
-
-        return MllmUfoTask(ufo, backbone, info["vocab"], info["coco"], info["image_size"], info["eval_mask_size"],
-                           seed=cfg.train.seed)
-    return UfoTask(ufo, backbone, info["vocab"], info["coco"], info["image_size"], info["eval_mask_size"])

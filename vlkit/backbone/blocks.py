@@ -114,7 +114,7 @@ def spec_entries(spec: dict, views: dict, fmt: str, version: int):
         yield views[key], entry
 
 
-def _text_root(model: nn.Module) -> nn.Module | None:
+def text_root(model: nn.Module) -> nn.Module | None:
     """The module that owns the text transformer: CLIP keeps it flat, CustomTextCLIP under ``.text``."""
     text = getattr(model, "text", None)
     if text is not None:
@@ -128,7 +128,7 @@ def _transformer(model: nn.Module, tower: str) -> nn.Module | None:
         visual = getattr(model, "visual", None)
         tr = getattr(visual, "transformer", None)
         return tr if tr is not None and hasattr(tr, "resblocks") else None
-    root = _text_root(model)
+    root = text_root(model)
     return None if root is None else root.transformer
 
 
@@ -263,6 +263,6 @@ def tower_stages(model: nn.Module, tower: str) -> TowerStages:
     transformer_blocks(model, [tower])  # raises the clear error for unsupported towers
     if tower == "image":
         return _image_stages(model)
-    root = _text_root(model)
+    root = text_root(model)
     return _clip_text_stages(model) if root is model else _custom_text_stages(root)
 

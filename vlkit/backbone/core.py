@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import warnings
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.backbone.base import BackboneError, TextTruncatedWarning, model_identity
+from vlkit.backbone.stem import ConvStem
 from vlkit.errors import VlkitError
 from vlkit.io import atomic_directory, file_digests, read_json_file, seal, unseal, verify_digests
 from vlkit.registry import did_you_mean
@@ -25,14 +26,6 @@ SAVED_CONFIG = "vlkit_backbone.json"
 SAVED_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
-
-
-class TextTruncatedWarning(UserWarning):
-    """A text was longer than the text encoder's context and was cut to it."""
-
-
-class BackboneError(VlkitError, RuntimeError):
-    """A backbone could not be built or loaded; the message says how to fix it."""
 
 
 @cache
@@ -54,52 +47,6 @@ def _model_config(name: str) -> dict[str, Any]:
             f"an MLLM (transformers) is hf:FOLDER or hf:ORG/NAME, or vlkit-tiny-llava."
         )
     return copy.deepcopy(cfg)
-
-
-class _ChannelsLastConv(nn.Conv2d):
-    """A Conv2d that runs in channels-last layout (oneDNN's fast path on CPU: about 1.7x at the stem's sizes)
-    while its parameters stay in the default layout, so pruning masks and state dicts see plain tensors."""
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return super()._conv_forward(x, weight.contiguous(memory_format=torch.channels_last), bias)
-
-
-class ConvStem(nn.Sequential):
-    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see
-    better"): stride-2 3x3 convolutions with GELU between them, ending at the tower's width, in place of
-    the single patch-sized convolution. Its output grid equals the patch grid, so the tower is otherwise
-    unchanged. ``channels`` are the hidden widths; ``len(channels) + 1`` convolutions give a patch of
-    ``2 ** (len(channels) + 1)`` pixels."""
-
-    def __init__(self, channels: Sequence[int], width: int, patch_size: int) -> None:
-        widths = [3, *channels, width]
-        if 2 ** (len(widths) - 1) != patch_size:
-            raise BackboneError(f"vision_cfg.stem {list(channels)}: {len(widths) - 1} stride-2 convolutions make "
-                                f"{2 ** (len(widths) - 1)} px patches, but patch_size is {patch_size}; give "
-                                f"log2(patch_size) - 1 = {max(0, patch_size.bit_length() - 2)} hidden widths")
-        layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(_ChannelsLastConv(c_in, c_out, 3, stride=2, padding=1, bias=i < len(widths) - 2))
-            if i < len(widths) - 2:
-                layers.append(nn.GELU())
-        super().__init__(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
-
-    @property
-    def convs(self) -> list[nn.Conv2d]:
-        return [m for m in self if isinstance(m, nn.Conv2d)]
-
-
-def model_identity(name: str, config: Any, spec: Any, model: nn.Module) -> str:
-    """``name:digest`` of an architecture description and every tensor of ``model``'s state dict."""
-    digest = hashlib.blake2b(digest_size=12)
-    digest.update(json.dumps([name, config, spec], sort_keys=True, default=str).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return f"{name}:{digest.hexdigest()}"
 
 
 def _trimmable_text(model: nn.Module, tokens: torch.Tensor) -> bool:
@@ -388,7 +335,7 @@ def _load_pretrained_tag(name: str, tag: str, cfg: dict[str, Any]) -> Backbone:
     return Backbone(model, name, cfg, pre, source=f"{name}:{tag}")
 
 
-def _is_mllm_source(name: str) -> bool:
+def is_mllm_source(name: str) -> bool:
     """Whether ``name`` names an MLLM (vlkit.backbone.mllm): hf:..., a tiny LLaVA architecture, a saved vlkit
     MLLM folder, or a plain transformers folder."""
     from vlkit.backbone import mllm
@@ -398,21 +345,9 @@ def _is_mllm_source(name: str) -> bool:
             or (Path(name).is_dir() and mllm.is_hf_folder(name) and not is_saved_backbone(name)))
 
 
-def backbone_kind(name: str) -> str:
-    """"mllm" or "clip" for a model name, without loading it (cached:NAME resolved to its folder)."""
-    if name.startswith("cached:"):
-        from vlkit.backbone.shipped import WEIGHTS_DIR
-        from vlkit.cache import cached_backbone
-
-        short = name[len("cached:"):]
-        folder = WEIGHTS_DIR / short if (WEIGHTS_DIR / short).is_dir() else cached_backbone(short)
-        name = str(folder) if folder is not None else name
-    return "mllm" if _is_mllm_source(name) else "clip"
-
-
 def _load_mllm(name: str, pretrained: str | None):
     """The MLLM sources (vlkit.backbone.mllm), or None when ``name`` names a CLIP backbone."""
-    if not _is_mllm_source(name):
+    if not is_mllm_source(name):
         return None
     if pretrained:
         raise BackboneError(f"model.pretrained is for open_clip models; an MLLM ({name}) is loaded whole from its "

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.backbone.core import BackboneError, TextTruncatedWarning, model_identity
+from vlkit.backbone.base import BackboneError, TextTruncatedWarning, model_identity
 from vlkit.io import atomic_directory, file_digests, read_json_file, seal, unseal, verify_digests
 
 KIND = "mllm"

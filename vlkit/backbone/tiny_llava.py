@@ -122,7 +122,7 @@ def vision_from_clip(mllm: MLLMBackbone, clip: Any, images: torch.Tensor, ridge:
     (vlkit-tiny-conv), which a CLIPVisionModel cannot hold, is replaced by the patch projection that best fits
     its outputs on ``images`` (preprocessed, least squares; its bias goes into the position embeddings, as the
     projection has none). Returns the fit's R^2 and the cosine of the two towers' final tokens on ``images``."""
-    from vlkit.backbone.core import ConvStem
+    from vlkit.backbone.stem import ConvStem
 
     src = clip.model.visual
     tower = mllm.model.model.vision_tower

@@ -1,25 +1,31 @@
-"""Compression of open_clip backbones: head/neuron masks, structured pruning, sparsity, FLOPs, ONNX export."""
+"""Compression of open_clip backbones: head/neuron masks, structured pruning, sparsity, FLOPs, ONNX export.
 
-from vlkit.compress.conv import prune_conv_channels
-from vlkit.compress.flops import TowerFlops, count_flops, flop_model
-from vlkit.compress.importance import magnitude_importance, optin_importance, random_importance
-from vlkit.compress.masks import apply_masks, full_masks, masked, remove_masks
-from vlkit.compress.materialize import PrunedAttention, materialize, pruned_spec, rebuild_pruned, refresh_spec
-from vlkit.compress.prune import plot_kept_units, prune_backbone, select_under_budget
-from vlkit.compress.sparsity import apply_sparsity, make_permanent, sparsity_report
+The names below are imported on first use, so ``vlkit.compress.methods`` (the method names the CLI checks)
+loads without torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "prune_conv_channels": "conv",
+    "TowerFlops": "flops", "count_flops": "flops", "flop_model": "flops",
+    "magnitude_importance": "importance", "optin_importance": "importance", "random_importance": "importance",
+    "apply_masks": "masks", "full_masks": "masks", "masked": "masks", "remove_masks": "masks",
+    "PrunedAttention": "materialize", "materialize": "materialize", "pruned_spec": "materialize",
+    "rebuild_pruned": "materialize", "refresh_spec": "materialize",
+    "plot_kept_units": "prune", "prune_backbone": "prune", "select_under_budget": "prune",
+    "apply_sparsity": "sparsity", "make_permanent": "sparsity", "sparsity_report": "sparsity",
+    "export_onnx": "export",  # onnx is an optional dependency: imported only when exporting
+}
+
+__all__ = sorted(_WHERE)
 
 
-def export_onnx(*args, **kwargs):
-    """See vlkit.compress.export.export_onnx (imported lazily: onnx is an optional dependency)."""
-    from vlkit.compress.export import export_onnx as _export_onnx
-
-    return _export_onnx(*args, **kwargs)
-
-
-__all__ = [
-    "PrunedAttention", "TowerFlops", "apply_masks", "apply_sparsity", "count_flops", "export_onnx",
-    "flop_model", "full_masks", "magnitude_importance", "make_permanent", "masked", "materialize",
-    "optin_importance", "plot_kept_units", "prune_backbone", "prune_conv_channels", "pruned_spec",
-    "random_importance", "rebuild_pruned", "refresh_spec", "remove_masks", "select_under_budget",
-    "sparsity_report",
-]
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"vlkit.compress.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlkit.compress' has no attribute {name!r}")

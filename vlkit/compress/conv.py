@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-RESIZED_ATTR = "vlkit_resized"
+from vlkit.compress.materialize import RESIZED_ATTR, refresh_spec
+
 _ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups")),
     (nn.Linear, ("in_features", "out_features")),
@@ -95,41 +96,6 @@ def prune_conv_channels(model: nn.Module, ratio: float, example_input: torch.Ten
     resized = _diff(before, _snapshot(visual))
     setattr(visual, RESIZED_ATTR, resized)
     if root is not None:
-        from vlkit.compress.materialize import refresh_spec
-
         refresh_spec(root)
     return {"params_before": n0, "params_after": sum(p.numel() for p in visual.parameters()),
             "output_shape": list(new_shape), "resized": resized}
-
-
-def collect_resized(model: nn.Module) -> dict[str, Any]:
-    """All channel resizings recorded under ``model``, with names relative to ``model``."""
-    params: dict[str, list[int]] = {}
-    modules: dict[str, dict[str, Any]] = {}
-    for prefix, mod in model.named_modules():
-        rec = getattr(mod, RESIZED_ATTR, None)
-        if not rec:
-            continue
-        pre = f"{prefix}." if prefix else ""
-        params.update({pre + n: s for n, s in rec["params"].items()})
-        modules.update({(pre + n).rstrip("."): a for n, a in rec["modules"].items()})
-    return {"params": params, "modules": modules} if params or modules else {}
-
-
-@torch.no_grad()
-def apply_resized(model: nn.Module, resized: dict[str, Any]) -> None:
-    """Reshape parameters/buffers and layer attributes of a fresh model to a recorded channel pruning."""
-    for name, shape in resized.get("params", {}).items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        old = getattr(owner, leaf)
-        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-        if isinstance(old, nn.Parameter):
-            setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            owner._buffers[leaf] = new
-    for name, attrs in resized.get("modules", {}).items():
-        module = model.get_submodule(name)
-        for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-    setattr(model, RESIZED_ATTR, dict(resized))  # so a reloaded model reports the same spec

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlkit.backbone.blocks import _text_root, available_towers, transformer_blocks
+from vlkit.backbone.blocks import available_towers, text_root, transformer_blocks
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _image_fixed(visual: nn.Module) -> tuple[int, int, dict[str, int]]:
 
 
 def _text_fixed(model: nn.Module) -> tuple[int, int, dict[str, int]]:
-    root = _text_root(model)
+    root = text_root(model)
     tokens = int(root.positional_embedding.shape[0])
     pool = getattr(root, "text_pool_type", getattr(root, "pool_type", "argmax"))
     pooled = tokens if pool == "none" and getattr(root, "cls_emb", None) is None else 1
@@ -145,7 +145,7 @@ def dummy_inputs(model: nn.Module, batch: int = 1) -> tuple[torch.Tensor, torch.
     size = model.visual.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     images = torch.zeros(batch, 3, h, w, device=device)
-    root = _text_root(model)
+    root = text_root(model)
     length = int(getattr(model, "context_length", None) or root.context_length)
     vocab = int(getattr(model, "vocab_size", None) or root.vocab_size)
     tokens = torch.zeros(batch, length, dtype=torch.long, device=device)

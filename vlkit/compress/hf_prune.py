@@ -19,9 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlkit.backbone.hf_blocks import HFBlockView, hf_blocks, materialize_hf
 from vlkit.compress.flops import TowerFlops, head_flops
+from vlkit.compress.methods import HF_METHODS
 
 Importances = dict[str, dict[tuple[str, int], torch.Tensor]]
-HF_METHODS = ("magnitude", "random")
 
 
 def _head_rows(v: HFBlockView, h: int) -> slice:
@@ -121,7 +121,7 @@ def prune_mllm(backbone, method: str = "magnitude", flops: float = 0.6, *, tower
                seed: int = 0, min_heads: int = 0, min_neurons: int = 0) -> dict[str, Any]:
     """Prune ``backbone`` (an MLLMBackbone) in place to ``flops`` x each tower's dense FLOPs; returns the report
     (kept units per layer, FLOPs analytic and counted before/after, parameters, the pruned spec)."""
-    from vlkit.compress.prune import _tower_report, select_under_budget
+    from vlkit.compress.prune import select_under_budget, tower_report
 
     if method not in HF_METHODS:
         raise ValueError(f"method={method!r} on an MLLM backbone: use one of {', '.join(HF_METHODS)} (OPTIN's "
@@ -140,7 +140,7 @@ def prune_mllm(backbone, method: str = "magnitude", flops: float = 0.6, *, tower
     model.train(was_training)
     return {
         "method": method, "flops_target": flops, "seed": seed,
-        "towers": {t: _tower_report(t, fm_before[t], fm_after[t], counted_before[t], counted_after[t], flops)
+        "towers": {t: tower_report(t, fm_before[t], fm_after[t], counted_before[t], counted_after[t], flops)
                    for t in towers},
         "params_before": params_before, "params_after": backbone.num_parameters(),
         "selection": info, "spec": backbone.pruned_spec(),

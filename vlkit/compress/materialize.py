@@ -23,6 +23,7 @@ from vlkit.compress.masks import MaskDict, attention_core
 SPEC_FORMAT = "vlkit-pruned"
 SPEC_VERSION = 1
 SPEC_ATTR = "vlkit_pruned_spec"  # read by vlkit.backbone.Backbone.pruned_spec()
+RESIZED_ATTR = "vlkit_resized"  # a channel-pruned module's record (vlkit.compress.conv.prune_conv_channels)
 _MLP_FLAG = "vlkit_pruned"
 
 
@@ -177,8 +178,6 @@ def pruned_spec(model: nn.Module) -> dict[str, Any] | None:
                 "heads": view.attn.kept_heads.tolist() if pruned_attn else None,
                 "mlp_hidden": view.mlp_hidden if pruned_mlp else None,
             })
-    from vlkit.compress.conv import collect_resized
-
     resized = collect_resized(model)
     if not blocks and not resized:
         return None
@@ -201,8 +200,6 @@ def rebuild_pruned(model: nn.Module, spec: Mapping[str, Any] | None) -> nn.Modul
         if entry.get("mlp_hidden") is not None:
             _slice_mlp(view, list(range(int(entry["mlp_hidden"]))))
     if spec.get("resized"):
-        from vlkit.compress.conv import apply_resized
-
         apply_resized(model, spec["resized"])
     refresh_spec(model)
     return model
@@ -213,6 +210,39 @@ def _placeholder_attention(view: BlockView, heads: Sequence[int]) -> PrunedAtten
         raise ValueError(f"block {view.key} is already pruned; rebuild_pruned expects a freshly built model")
     attn = view.attn
     return PrunedAttention.like(attn, list(heads)).to(attn.in_proj_weight.device, attn.in_proj_weight.dtype)
+
+
+def collect_resized(model: nn.Module) -> dict[str, Any]:
+    """All channel resizings recorded under ``model``, with names relative to ``model``."""
+    params: dict[str, list[int]] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    for prefix, mod in model.named_modules():
+        rec = getattr(mod, RESIZED_ATTR, None)
+        if not rec:
+            continue
+        pre = f"{prefix}." if prefix else ""
+        params.update({pre + n: s for n, s in rec["params"].items()})
+        modules.update({(pre + n).rstrip("."): a for n, a in rec["modules"].items()})
+    return {"params": params, "modules": modules} if params or modules else {}
+
+
+@torch.no_grad()
+def apply_resized(model: nn.Module, resized: dict[str, Any]) -> None:
+    """Reshape parameters/buffers and layer attributes of a fresh model to a recorded channel pruning."""
+    for name, shape in resized.get("params", {}).items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, leaf)
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            owner._buffers[leaf] = new
+    for name, attrs in resized.get("modules", {}).items():
+        module = model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    setattr(model, RESIZED_ATTR, dict(resized))  # so a reloaded model reports the same spec
 
 
 def refresh_spec(model: nn.Module) -> dict[str, Any] | None:

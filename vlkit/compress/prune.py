@@ -14,13 +14,13 @@ from vlkit.compress.conv import prune_conv_channels
 from vlkit.compress.flops import TowerFlops, count_flops, dummy_inputs, flop_model
 from vlkit.compress.importance import Importances, magnitude_importance, optin_importance, random_importance
 from vlkit.compress.materialize import count_parameters, materialize
+from vlkit.compress.methods import METHODS
 
 __all__ = [
     "magnitude_importance", "optin_importance", "plot_kept_units", "prune_backbone", "prune_conv_channels",
     "random_importance", "select_under_budget",
 ]
 Key = tuple[str, int]
-METHODS = ("optin", "magnitude", "random")
 
 
 def _ranked(scores: dict[Key, torch.Tensor], costs: dict[Key, int], minimum: int):
@@ -134,8 +134,9 @@ def _importances(model, method, towers, calib_images, calib_texts, seed, **optin
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _tower_report(tower: str, before: TowerFlops, after: TowerFlops, counted0: int, counted1: int,
-                  flops: float) -> dict[str, Any]:
+def tower_report(tower: str, before: TowerFlops, after: TowerFlops, counted0: int, counted1: int,
+                 flops: float) -> dict[str, Any]:
+    """Kept heads/neurons and analytic/counted FLOPs of one tower before and after pruning, and the budget."""
     return {
         "kept_heads": after.n_heads, "total_heads": before.n_heads,
         "kept_neurons": after.mlp_hidden, "total_neurons": before.mlp_hidden,
@@ -175,7 +176,7 @@ def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
     pruned.train(was_training)
     report = {
         "method": method, "flops_target": flops, "seed": seed,
-        "towers": {t: _tower_report(t, fm_before[t], fm_after[t], counted_before[t], counted_after[t], flops)
+        "towers": {t: tower_report(t, fm_before[t], fm_after[t], counted_before[t], counted_after[t], flops)
                    for t in towers},
         "params_before": params_before, "params_after": count_parameters(pruned),
         "selection": info, "spec": getattr(pruned, "vlkit_pruned_spec", None),

@@ -37,6 +37,14 @@ def _read_json(path: Path, required: tuple[str, ...], kind: str) -> dict[str, An
     return data
 
 
+def caption_texts(path: str | Path) -> list[str]:
+    """Every caption of a COCO captions file, stripped, in annotation-id order (the order of an index's texts)."""
+    path = Path(path)
+    data = _read_json(path, ("annotations",), "captions")
+    with _records_of(path, "captions"):
+        return [str(a["caption"]).strip() for a in sorted(data["annotations"], key=lambda a: a["id"])]
+
+
 @contextlib.contextmanager
 def _records_of(path: Path, kind: str):
     """Turn a malformed record (a missing key, a wrong type) into a DataFormatError naming the file."""

@@ -164,6 +164,7 @@ def evaluate(cfg: DictConfig, plugin: Plugin) -> dict[str, Any]:
     metrics = {cfg.split: trainer.evaluate(cfg.split)}
     if acc.is_main_process:
         if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)  # a report hook may write beside eval_<split>.json
             if plugin.report:
                 metrics.update(plugin.report(cfg, task, out_dir, metrics) or {})
             write_metrics(out_dir / f"eval_{cfg.split}.json", metrics)

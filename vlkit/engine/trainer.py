@@ -24,7 +24,7 @@ from vlkit.engine.checkpoint import TrainerState, load_checkpoint, save_checkpoi
 from vlkit.engine.optim import build_optimizer, build_scheduler
 from vlkit.errors import VlkitError
 from vlkit.io import atomic_write_json
-from vlkit.plugins import DataBundle
+from vlkit.plugins import DataBundle, evaluation_only_reason
 
 
 class TrainingError(VlkitError, RuntimeError):
@@ -34,7 +34,7 @@ class TrainingError(VlkitError, RuntimeError):
 def make_accelerator(cfg: DictConfig, run_dir: Path | None = None) -> Accelerator:
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from vlkit.backbone.core import backbone_kind
+    from vlkit.cache import backbone_kind
 
     tracker = None if cfg.train.tracker in ("", "none") else cfg.train.tracker
     # an MLLM has weights a task never reaches (the vision tower's final norm: LLaVA reads the hidden states
@@ -125,7 +125,7 @@ class Trainer:
         train_dl = self._loader(self._train_set, cfg.train.batch_size, shuffle=True)
         params = [p for p in self.task.parameters() if p.requires_grad]
         if not params:
-            reason = getattr(self.task, "evaluation_only", None)
+            reason = evaluation_only_reason(self.task)
             if reason:  # e.g. hand-written prompts: nothing to learn, the run only evaluates
                 self.acc.print(f"plugin {cfg.plugin!r}: {reason}; nothing to train, evaluating only")
                 self.task = self.acc.prepare(self.task)
