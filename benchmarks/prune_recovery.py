@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["optin", "magnitude"])
     ap.add_argument("--steps", type=int, default=156)
     ap.add_argument("--task-weight", type=float, default=0.0)
+    ap.add_argument("--blocks", type=float, default=0.0, help="weight of layer-wise (block output) distillation")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--out", default="runs/prune-recovery")
@@ -53,7 +54,8 @@ def main() -> int:
         pruned = test_r1(str(out / method))
         t1 = time.perf_counter()
         if vlkit_main([*base, f"out={out / (method + '-recovered')}", f"recover_steps={args.steps}",
-                       f"recover_lr={args.lr}", f"recover_task_weight={args.task_weight}"]) != 0:
+                       f"recover_lr={args.lr}", f"recover_task_weight={args.task_weight}",
+                       f"recover_blocks={args.blocks}"]) != 0:
             return 1
         t2 = time.perf_counter()
         recovered = test_r1(str(out / (method + "-recovered")))

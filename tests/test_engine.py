@@ -172,3 +172,31 @@ def test_damaged_optimizer_state_is_a_clear_error_and_runs_nothing(tmp_path, toy
     with pytest.raises(CheckpointError, match="optimizer.pt' cannot be read as an optimizer state"):
         _run(tmp_path, "r", "train.epochs=2", "resume=true")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_seeded_items_make_a_batch_from_its_indices_alone_and_leave_the_global_rngs_alone():
+    import random
+
+    import numpy as np
+
+    from vlkit.engine.trainer import SeededItems
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return (i, torch.rand(()).item(), np.random.rand(), random.random())
+
+    items = SeededItems(Draws(), seed=3)
+    torch.manual_seed(0)
+    before = torch.rand(()).item()
+    torch.manual_seed(0)
+    first = items.__getitems__([4, 7, 1])
+    assert torch.rand(()).item() == before  # the training step's RNG stream is untouched
+    assert items.__getitems__([4, 7, 1]) == first  # whatever was fetched before (prefetching, resume)
+    assert len({d for row in first for d in row[1:]}) == 9  # every draw differs within the batch
+    assert items.__getitems__([4, 7]) != first[:2]  # keyed by the batch's composition
+    items.set_epoch(1)
+    assert items.__getitems__([4, 7, 1]) != first  # and by the epoch
+    assert items[4] == items.__getitems__([4])[0]

@@ -41,6 +41,33 @@ def test_the_loss_is_zero_for_the_teacher_itself_and_matches_a_hand_computation(
         distillation_loss(_unit(4, 6, 0), _unit(5, 6, 1), img, txt, 10.0)
 
 
+def test_block_outputs_are_recorded_only_while_asked_and_their_loss_is_relative():
+    from vlkit.compress.distill import BlockOutputs, block_loss
+
+    torch.manual_seed(0)
+    bb = load_backbone("vlkit-tiny-test").eval()
+    rec = BlockOutputs(bb.model)
+    images, tokens = torch.randn(2, 3, bb.image_size, bb.image_size), bb.tokenize(["a red circle", "a square"])
+    bb.encode_image(images)
+    assert rec.take() == []  # not recording: nothing kept
+    rec.recording = True
+    bb.encode_image(images)
+    bb.encode_text(tokens)
+    outs = rec.take()
+    layers = len(bb.model.visual.transformer.resblocks) + len(bb.model.transformer.resblocks)
+    assert len(outs) == layers and rec.take() == []
+    assert float(block_loss(outs, outs)) == 0.0
+    assert float(block_loss([torch.zeros_like(o) for o in outs], outs)) == pytest.approx(1.0, rel=1e-5)
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])  # by hand: |a-b|^2 / |b|^2 = 8 / 25
+    assert float(block_loss([a], [b])) == pytest.approx(8 / 25)
+    with pytest.raises(ValueError, match="same blocks"):
+        block_loss(outs[:-1], outs)
+    rec.remove()
+    rec.recording = True
+    bb.encode_image(images)
+    assert rec.take() == []  # the hooks are gone
+
+
 TEACHER = "cached:vlkit-tiny-shapes"  # the shipped backbone: a dense model that knows the shapes world
 
 

@@ -193,6 +193,26 @@ def test_int8_retriever_embeds_close_to_fp32_and_keeps_the_setting(world, tiny_d
     assert loaded.int8 and loaded.search(image=files[3], k=1)[0].id == 3  # queries encoded as the index was
 
 
+def test_encoding_processes_give_the_embeddings_of_one_process_and_report_the_same_files(world, tiny_dir, tmp_path):
+    from vlkit.data.images import SkipReport
+
+    bb = load_backbone(tiny_dir)
+    files = sorted((world / "images" / "test").glob("*.png"))[:11]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    files.insert(4, tmp_path / "broken.png")
+    results = {}
+    for encoders in (1, 3):  # 3 processes over the 3 batches of 4 files, each decoding and encoding its own
+        report = SkipReport()
+        kept, emb = Retriever(bb, batch_size=4, num_workers=0, progress=False, encoders=encoders).embed_images(
+            files, report=report)
+        results[encoders] = (kept, emb, report.names)
+    (k1, e1, n1), (k3, e3, n3) = results[1], results[3]
+    assert k1 == k3 == [i for i in range(12) if i != 4] and n1 == n3 == ["broken.png"]
+    torch.testing.assert_close(e3, e1, rtol=0, atol=1e-5)
+    with pytest.raises(VlkitError, match="encoders=0"):
+        Retriever(bb, encoders=0)
+
+
 @pytest.mark.slow
 def test_two_process_index_equals_one_process(world, tiny_dir, tmp_path):
     import numpy as np

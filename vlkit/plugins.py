@@ -89,11 +89,12 @@ class Report(Protocol):
 
 
 class RecoveryRecipe(Protocol):
-    """``recovery(teacher, task_weight) -> overrides``: the config keys (the plugin's own section) that make the
-    plugin's training distil a pruned backbone from ``teacher`` (`vlkit prune ... recover_steps=N` trains with
-    them; the CLI adds plugin, model, data, steps, batch and learning rate)."""
+    """``recovery(teacher, task_weight, blocks) -> overrides``: the config keys (the plugin's own section) that
+    make the plugin's training distil a pruned backbone from ``teacher`` (the task's own loss at ``task_weight``,
+    layer-wise distillation of block outputs at ``blocks``); `vlkit prune ... recover_steps=N` trains with them,
+    the CLI adds plugin, model, data, steps, batch and learning rate."""
 
-    def __call__(self, teacher: str, task_weight: float) -> list[str]: ...
+    def __call__(self, teacher: str, task_weight: float, blocks: float = 0.0) -> list[str]: ...
 
 
 class Segment(Protocol):

@@ -66,12 +66,13 @@ def check_export_name(cfg: DictConfig) -> None:
         )
 
 
-def recovery(teacher: str, task_weight: float) -> list[str]:
+def recovery(teacher: str, task_weight: float, blocks: float = 0.0) -> list[str]:
     """The retrieval keys of recovery by distillation (`vlkit prune ... recover_steps=N`): the unpruned model as
-    teacher (similarity relations both ways + embeddings, vlkit.compress.distill), the contrastive/ranking loss at
-    ``task_weight``, the temperature taken from the student as it is."""
+    teacher (similarity relations both ways + embeddings, and each block's output at weight ``blocks``;
+    vlkit.compress.distill), the contrastive/ranking loss at ``task_weight``, the temperature taken from the
+    student as it is."""
     return [f"retrieval.distill_from={teacher}", f"retrieval.task_weight={task_weight}",
-            "retrieval.init_temperature=0"]
+            f"retrieval.distill_blocks={blocks}", "retrieval.init_temperature=0"]
 
 
 plugin = Plugin(

@@ -41,9 +41,11 @@ class RetrievalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     # recovery by distillation (vlkit.compress.distill; `vlkit prune ... recover_steps=N` sets these): the dense
     # teacher, e.g. the backbone this one was pruned from (a folder or cached:NAME; empty = no teacher), and
-    # the weights of its relation (similarity distributions) and feature (embedding cosine) terms
+    # the weights of its relation (similarity distributions), feature (embedding cosine) and block terms (each
+    # transformer block's output against the teacher's: layer-wise distillation; 0 = off)
     distill_from: str = ""
     distill_relation: float = 1.0
     distill_feature: float = 1.0
+    distill_blocks: float = 0.0
     # the ranking/contrastive loss on labels beside distillation (0 = learn from the teacher alone)
     task_weight: float = 1.0

@@ -79,6 +79,12 @@ class RetrievalTask(nn.Module):
         # the frozen teacher of recovery by distillation: kept out of the module tree, so it is neither
         # trained nor saved nor wrapped by DDP
         object.__setattr__(self, "teacher", load_teacher(cfg.distill_from, backbone) if cfg.distill_from else None)
+        blocks = None
+        if self.teacher is not None and cfg.distill_blocks > 0:  # layer-wise distillation: record block outputs
+            from vlkit.compress.distill import BlockOutputs
+
+            blocks = (BlockOutputs(backbone.model), BlockOutputs(self.teacher.model))
+        object.__setattr__(self, "block_outputs", blocks)
         if cfg.init_temperature > 0:
             with torch.no_grad():
                 backbone.logit_scale_param.fill_(math.log(1.0 / cfg.init_temperature))
@@ -95,8 +101,14 @@ class RetrievalTask(nn.Module):
                   max_violation=self.cfg.max_violation)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        img = self.backbone.encode_image(batch["image"])
-        txt = self.backbone.encode_text(batch["tokens"])
+        if self.block_outputs is not None:
+            self.block_outputs[0].recording = True
+        try:
+            img = self.backbone.encode_image(batch["image"])
+            txt = self.backbone.encode_text(batch["tokens"])
+        finally:
+            if self.block_outputs is not None:
+                self.block_outputs[0].recording = False
         pos = batch["pos"].to(img.device)
         with torch.no_grad():  # the share of images whose best-scoring caption in the batch is a positive
             hit = pos.gather(1, (img @ txt.T).argmax(dim=1, keepdim=True)).float().mean()
@@ -107,7 +119,7 @@ class RetrievalTask(nn.Module):
         loss = self.loss(img, txt, pos) if self.cfg.task_weight else img.new_zeros(())
         if self.teacher is not None:
             kd = self.distill(batch, img, txt)
-            out.update(kd_relation=kd["kd_relation"], kd_feature=kd["kd_feature"])
+            out.update({k: v for k, v in kd.items() if k.startswith("kd_")})
             loss = self.cfg.task_weight * loss + kd["loss"]
         return {"loss": loss, **out}
 
@@ -117,10 +129,25 @@ class RetrievalTask(nn.Module):
         teacher = self.teacher
         if teacher.device != img.device:
             teacher.to(img.device)
-        with torch.no_grad():
-            t_img, t_txt = teacher.encode_image(batch["image"]), teacher.encode_text(batch["tokens"])
-        weights = DistillWeights(relation=self.cfg.distill_relation, feature=self.cfg.distill_feature)
-        return distillation_loss(img, txt, t_img, t_txt, teacher.logit_scale.detach(), weights)
+        recorders = self.block_outputs
+        if recorders is not None:
+            recorders[1].recording = True
+        try:
+            with torch.no_grad():
+                t_img, t_txt = teacher.encode_image(batch["image"]), teacher.encode_text(batch["tokens"])
+        finally:
+            if recorders is not None:
+                recorders[1].recording = False
+        weights = DistillWeights(relation=self.cfg.distill_relation, feature=self.cfg.distill_feature,
+                                 blocks=self.cfg.distill_blocks)
+        kd = distillation_loss(img, txt, t_img, t_txt, teacher.logit_scale.detach(), weights)
+        if recorders is not None:
+            from vlkit.compress.distill import block_loss
+
+            blocks = block_loss(recorders[0].take(), recorders[1].take())
+            kd["loss"] = kd["loss"] + weights.blocks * blocks
+            kd["kd_blocks"] = blocks.detach()
+        return kd
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

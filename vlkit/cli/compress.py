@@ -123,7 +123,7 @@ def _recover(opts: PruneArgs, out: Path, pruned: Backbone) -> dict[str, Any]:
                             f"(vlkit train plugin=... model.name=OUT)")
     run_dir = out.with_name(out.name + ".recover")
     overrides = [f"plugin={recipe.name}", f"model.name={out.absolute()}",
-                 *recipe.recovery(opts.model, opts.recover_task_weight),
+                 *recipe.recovery(opts.model, opts.recover_task_weight, opts.recover_blocks),
                  "train.epochs=0", f"train.max_steps={opts.recover_steps}", f"train.batch_size={opts.recover_batch}",
                  f"optim.lr={opts.recover_lr}", f"optim.warmup_steps={max(1, opts.recover_steps // 10)}",
                  f"train.seed={opts.seed}", f"run.dir={run_dir}"]

@@ -51,6 +51,8 @@ class PruneArgs:
     # the ranking/contrastive loss on the data's captions beside distillation (0 = the teacher alone: measured
     # best, README "Recovery by distillation")
     recover_task_weight: float = 0.0
+    # layer-wise distillation: each transformer block's output pulled to the unpruned model's (0 = off)
+    recover_blocks: float = 0.0
 
 
 @dataclass

@@ -7,25 +7,31 @@ The teacher's knowledge of an image-text backbone lies in two places, and the lo
   are pulled to them by KL divergence (as CLIP-KD's "CRD"-style relational terms; MEAL V2 distils from
   teachers' soft outputs alone, without labels);
 * **features**: pruning keeps the embedding width, so each student embedding is pulled to the teacher's
-  by cosine distance (CLIP-KD's feature distillation).
+  by cosine distance (CLIP-KD's feature distillation);
+* **blocks** (optional): pruning heads and neurons keeps every block and the residual width, so the output of
+  each transformer block of the student can be pulled to the teacher's block output (layer-wise
+  distillation, as structured-pruning recoveries of language models do): mean squared error relative to the
+  teacher's energy, averaged over blocks. ``BlockOutputs`` records them during a forward.
 
 No labels are needed: with the task loss weighted 0 the student learns from the teacher alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["DistillWeights", "distillation_loss"]
+__all__ = ["BlockOutputs", "DistillWeights", "block_loss", "distillation_loss"]
 
 
 @dataclass
 class DistillWeights:
     relation: float = 1.0  # KL between the teacher's and the student's similarity distributions (both ways)
     feature: float = 1.0  # 1 - cosine between the student's and the teacher's embeddings (images and texts)
+    blocks: float = 0.0  # relative squared error between the student's and the teacher's block outputs
 
 
 def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -48,3 +54,37 @@ def distillation_loss(s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor
     feature = 0.5 * ((1 - (s_img * t_img).sum(-1)).mean() + (1 - (s_txt * t_txt).sum(-1)).mean())
     loss = weights.relation * relation + weights.feature * feature
     return {"loss": loss, "kd_relation": relation.detach(), "kd_feature": feature.detach()}
+
+
+class BlockOutputs:
+    """The outputs of every transformer block of ``towers`` of an open_clip model, in call order, while
+    ``recording`` is on (forward hooks; ``take()`` hands them over and clears). The model is not changed."""
+
+    def __init__(self, model: nn.Module, towers: Sequence[str] = ("image", "text")) -> None:
+        from vlkit.backbone.blocks import transformer_blocks
+
+        self.recording, self.outputs = False, []
+        self._handles = [v.module.register_forward_hook(self._keep) for v in transformer_blocks(model, towers)]
+
+    def _keep(self, module: nn.Module, args: tuple, out: Tensor | tuple) -> None:
+        if self.recording:
+            self.outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    def take(self) -> list[Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def block_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], eps: float = 1e-6) -> Tensor:
+    """Mean over blocks of ||s - t||^2 / ||t||^2 (each block's outputs over the whole batch): 0 when the
+    student reproduces every block, ~1 when it outputs zeros; blind to each block's scale."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"block distillation needs the same blocks on both sides: the student ran {len(student)} "
+                         f"blocks, the teacher {len(teacher)} (distil from the backbone this one was pruned from)")
+    terms = [((s - t.detach()) ** 2).sum() / ((t.detach() ** 2).sum() + eps) for s, t in zip(student, teacher)]
+    return sum(terms) / len(terms)

@@ -25,6 +25,7 @@ from vlkit.engine.optim import build_optimizer, build_scheduler
 from vlkit.errors import VlkitError
 from vlkit.io import atomic_write_json
 from vlkit.plugins import DataBundle, evaluation_only_reason
+from vlkit.progress import progress
 
 
 class TrainingError(VlkitError, RuntimeError):
@@ -284,8 +285,8 @@ class Trainer:
         model.eval()
         outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
         with torch.no_grad():
-            for batch in tqdm(loader, desc=f"eval {split}", leave=False,
-                              disable=not (self.cfg.train.progress and self.acc.is_main_process)):
+            for batch in progress(loader, f"eval {split}", self.cfg.train.progress and self.acc.is_main_process,
+                                  leave=False):
                 for key, value in self.acc.gather_for_metrics(model.eval_step(batch)).items():
                     outputs[key].append(value.cpu())
         model.train(was_training)
@@ -294,10 +295,12 @@ class Trainer:
 
 
 class SeededItems(Dataset):
-    """The training set, each item made under global RNGs (torch, numpy, random) seeded by (seed, epoch,
-    index) and restored afterwards: random augmentations (a random crop, dropped words) then depend only on
-    which item of which epoch is made, never on how far the loader has prefetched, so a resume from the
-    middle of an epoch replays them exactly, and the training step's own RNG stream is left untouched."""
+    """The training set, each batch made under global RNGs (torch, numpy, random) seeded by (seed, epoch, the
+    batch's indices) and restored afterwards: random augmentations (a random crop, dropped words) then depend
+    only on which items of which epoch are made together, never on how far the loader has prefetched, so a
+    resume from the middle of an epoch replays them exactly, and the training step's own RNG stream is left
+    untouched. The DataLoader fetches a batch at once (``__getitems__``): seeding once per batch instead of per
+    item saves ~0.1 ms an item (13 ms a step at batch 128). A single item (``dataset[i]``) is seeded alone."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, int(seed), 0
@@ -310,17 +313,20 @@ class SeededItems(Dataset):
         set_dataset_epoch(self.dataset, epoch)
 
     def __getitem__(self, index: int) -> Any:
-        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        state = np.random.SeedSequence([self.seed, self.epoch, len(indices), *map(int, indices)]).generate_state(2)
         saved = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
                 # the CPU generator alone, which fork_rng restores: torch.manual_seed would also seed
                 # accelerators (leaking past the fork) and, without CUDA initialised, queue a lazy call
-                # that formats a stack trace each time (1 ms an item)
+                # that formats a stack trace each time (1 ms a call)
                 torch.default_generator.manual_seed(int(state[0]))
                 random.seed(int(state[1]))
                 np.random.seed(int(state[1]))
-                return self.dataset[index]
+                return [self.dataset[i] for i in indices]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])

@@ -30,6 +30,7 @@ def build_index(opts: Any) -> tuple[Retriever | None, SkipReport]:
     backbone = load_model(OmegaConf.create({"name": opts.model, "pretrained": opts.pretrained}))
     retriever = Retriever(backbone, kind=opts.kind, batch_size=opts.batch_size,
                           num_workers=opts.workers if opts.workers >= 0 else None, int8=opts.int8,
+                          encoders=None if opts.encoders == -1 else opts.encoders,
                           progress=opts.progress and state.is_main_process)
     report = SkipReport()
     kept, emb = retriever.embed_images(files, rank=state.process_index, world=state.num_processes, report=report)
