@@ -45,8 +45,14 @@ def test_first_party_plugins_are_listed_without_import():
 
 @pytest.mark.parametrize("name", vlkit.list_plugins())
 def test_first_party_plugins_load_as_validated_bundles(name):
+    from vlkit.cli import resolve_config
+
     plugin = get_plugin(name)
     assert isinstance(plugin, Plugin) and plugin.name == name
+    cfg = resolve_config([f"plugin={name}"])[1]
+    section = plugin.settings(cfg)  # the one way to read a plugin's section: a typed instance of its schema
+    assert isinstance(section, plugin.config) and plugin.settings(section) is section
+    assert cfg.train.best_metric == plugin.headline_metric  # the declared headline picks 'best'
 
 
 def test_unknown_plugin_suggests_and_lists():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlkit.config import bounded
+
 
 @dataclass
 class RetrievalConfig:
@@ -47,5 +49,7 @@ class RetrievalConfig:
     distill_relation: float = 1.0
     distill_feature: float = 1.0
     distill_blocks: float = 0.0
+    # the relation term's temperature, relative to the teacher's own (2 = distributions twice as soft)
+    distill_temperature: float = bounded(1.0, 1e-3)
     # the ranking/contrastive loss on labels beside distillation (0 = learn from the teacher alone)
     task_weight: float = 1.0

@@ -140,7 +140,8 @@ class RetrievalTask(nn.Module):
                 recorders[1].recording = False
         weights = DistillWeights(relation=self.cfg.distill_relation, feature=self.cfg.distill_feature,
                                  blocks=self.cfg.distill_blocks)
-        kd = distillation_loss(img, txt, t_img, t_txt, teacher.logit_scale.detach(), weights)
+        scale = teacher.logit_scale.detach() / self.cfg.distill_temperature  # > 1: softer targets
+        kd = distillation_loss(img, txt, t_img, t_txt, scale, weights)
         if recorders is not None:
             from vlkit.compress.distill import block_loss
 
