@@ -147,3 +147,21 @@ def test_public_api_is_lazy_and_the_version_is_one_string():
     assert metadata.version("vlkit") == vlkit.__version__
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         vlkit.nope  # noqa: B018
+
+
+def test_a_broken_plugin_is_named_and_left_out_of_the_providers(monkeypatch):
+    from vlkit import plugins
+
+    real = plugins.get_plugin
+
+    def flaky(name):
+        if name == "csp":
+            raise PluginError("plugin 'csp' failed to import (simulated)")
+        return real(name)
+
+    monkeypatch.setattr(plugins, "get_plugin", flaky)
+    with pytest.warns(RuntimeWarning, match="simulated.*left out of the plugins that provide segment"):
+        found = plugins.plugins_with("segment")
+    assert [p.name for p in found] == ["ufo"]
+    with pytest.raises(PluginError, match="no installed plugin provides nothing here"):
+        plugins.plugin_with("no_such_hook", "nothing here")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -227,8 +228,9 @@ def plugins_with(hook: str) -> list[Plugin]:
     for name in list_plugins():
         try:
             plugin = get_plugin(name)
-        except PluginError:
-            continue  # a broken third-party plugin must not take the others down; get_plugin(name) says why
+        except PluginError as exc:  # a broken third-party plugin must not take the others down: say so, go on
+            warnings.warn(f"{exc} (left out of the plugins that provide {hook})", RuntimeWarning, stacklevel=2)
+            continue
         if getattr(plugin, hook, None) is not None:
             found.append(plugin)
     return found
