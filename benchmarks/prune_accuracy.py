@@ -1,7 +1,7 @@
 """Retrieval accuracy kept by one-shot pruning without retraining: R@1 both ways against FLOPs, per method.
 
 Usage: python benchmarks/prune_accuracy.py --backbone DIR --data SHAPES_ROOT [--split test] [--calib-split train]
-       [--flops 0.8 0.6 0.4] [--methods optin magnitude random] [--n-calib 64] [--seed 0] [--threads 2]
+       [--flops 0.8 0.6 0.4] [--methods optin magnitude random] [--n-calib 64] [--seed 0] [--reconstruct 256] [--threads 2]
        [--plot prune_accuracy.png] [--json results.json]
 
 DIR is a saved backbone trained for retrieval (e.g. vlkit/backbone/weights/vlkit-tiny-shapes, the shipped default); SHAPES_ROOT a
@@ -11,12 +11,15 @@ captions of --split (a caption shared by several images matches all of them, as 
 plugin). OPTIN is calibrated on --n-calib images and captions of --calib-split, never the evaluated split.
 Each method's importances are computed once and reused for every FLOP level (they do not depend on the
 budget), which is what vlkit.compress.prune_backbone would compute at each level, at a third of the cost.
-The random baseline is one draw (--seed); it varies from seed to seed.
+The random baseline is one draw (--seed); it varies from seed to seed. With --reconstruct N (default 256, as
+`vlkit prune`) each pruned model is also measured after the least-squares refit of its pruned projections on N
+calibration images and captions (rows METHOD+refit; vlkit.compress.reconstruct).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -36,12 +39,14 @@ from vlkit.compress import (
     select_under_budget,
 )
 from vlkit.compress.calibration import Calibration, calibration_batch
+from vlkit.compress.reconstruct import reconstruct, snapshot_blocks
 from vlkit.data.coco import CocoCaptions
 from vlkit.metrics.retrieval import Positives, recall_at_k
 from vlkit_retrieval.task import caption_positives
 
 TOWERS = ("image", "text")
-COLORS = {"optin": "#1f77b4", "magnitude": "#ff7f0e", "random": "#2ca02c"}  # the same in every plot
+COLORS = {"optin": "#1f77b4", "magnitude": "#ff7f0e", "random": "#2ca02c",  # the same in every plot
+          "optin+refit": "#0b3d66", "magnitude+refit": "#a34f00", "random+refit": "#145214"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["optin", "magnitude", "random"])
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reconstruct", type=int, default=256,
+                   help="calibration images/captions of the least-squares refit, measured beside each plain prune "
+                        "as METHOD+refit (vlkit prune's default; 0 = plain prunes only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=256, help="evaluation batch size")
     p.add_argument("--plot", default="prune_accuracy.png")
@@ -87,8 +95,10 @@ def importances(model: torch.nn.Module, method: str, calib: Calibration, seed: i
     return random_importance(model, TOWERS, seed=seed)
 
 
-def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib: Calibration, seed: int):
-    """(level, pruned model, counted FLOP ratio per tower, seconds for the importances) for every level."""
+def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib: Calibration, seed: int,
+                 refit_on: Calibration | None = None):
+    """(level, pruned model, counted FLOP ratio per tower, seconds for the importances, the pruned model refit
+    by least squares on ``refit_on`` or None) for every level."""
     t0 = time.perf_counter()
     imp = importances(model, method, calib, seed)
     seconds = time.perf_counter() - t0
@@ -100,7 +110,11 @@ def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib
                                                 split="proportional" if method == "random" else "best")
         pruned = materialize(model, heads, neurons)
         counted = count_flops(pruned, *probe)
-        yield level, pruned, {t: counted[t] / dense[t] for t in TOWERS}, seconds
+        refit = None
+        if refit_on is not None:
+            refit = copy.deepcopy(pruned)
+            reconstruct(refit, snapshot_blocks(model, TOWERS), {"image": refit_on.images, "text": refit_on.texts})
+        yield level, pruned, {t: counted[t] / dense[t] for t in TOWERS}, seconds, refit
 
 
 def chance(pos: Positives) -> dict[str, float]:
@@ -135,6 +149,7 @@ def plot(dense: dict[str, float], rows: list[dict[str, Any]], base: dict[str, fl
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((r["flops"], r[key]) for r in rows if r["method"] == method)
             ax.plot([1.0] + [p[0] for p in pts][::-1], [dense[key]] + [p[1] for p in pts][::-1], marker="o",
+                    linestyle="--" if method.endswith("+refit") else "-",
                     color=COLORS[method], label=method)
         ax.axhline(dense[key], color="black", linestyle="--", linewidth=1, label="dense")
         ax.axhline(base[key], color="gray", linestyle=":", linewidth=1, label="chance")
@@ -161,13 +176,20 @@ def main(argv: list[str] | None = None) -> int:
           f"captions; calibration {calib.source['n_images']} images / {calib.source['n_texts']} captions "
           f"of {args.calib_split}", flush=True)
     dense = data.recall(bb.model, args.batch)
+    refit_on = None
+    if args.reconstruct:
+        refit_on = calibration_batch(bb, str(root), args.reconstruct, split=args.calib_split, seed=args.seed)
     rows = []
     for method in args.methods:
-        for level, pruned, ratio, seconds in prune_levels(bb.model, method, args.flops, calib, args.seed):
-            metrics = data.recall(pruned, args.batch)
-            rows.append({"method": method, "flops": level, "ratio": ratio, "importance_s": seconds, **metrics})
-            print(f"  {method} @ {level:.2f}: t2i R@1 {metrics['t2i_R@1']:.2f}, i2t R@1 {metrics['i2t_R@1']:.2f} "
-                  f"(importances {seconds:.0f} s)", flush=True)
+        for level, pruned, ratio, seconds, refit in prune_levels(bb.model, method, args.flops, calib, args.seed,
+                                                                  refit_on):
+            for name, model in ((method, pruned), (method + "+refit", refit)):
+                if model is None:
+                    continue
+                metrics = data.recall(model, args.batch)
+                rows.append({"method": name, "flops": level, "ratio": ratio, "importance_s": seconds, **metrics})
+                print(f"  {name} @ {level:.2f}: t2i R@1 {metrics['t2i_R@1']:.2f}, i2t R@1 "
+                      f"{metrics['i2t_R@1']:.2f} (importances {seconds:.0f} s)", flush=True)
     base = chance(data.positives)
     print_table(dense, rows, base)
     plot(dense, rows, base, Path(args.plot), f"{bb.name} ({Path(args.backbone).name}), {args.split} split, "

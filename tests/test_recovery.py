@@ -41,6 +41,26 @@ def test_the_loss_is_zero_for_the_teacher_itself_and_matches_a_hand_computation(
         distillation_loss(_unit(4, 6, 0), _unit(5, 6, 1), img, txt, 10.0)
 
 
+def test_the_cross_term_reads_the_student_against_the_teachers_anchors_and_the_bank():
+    img, txt, bank_img, bank_txt = _unit(4, 8, 0), _unit(5, 8, 1), _unit(6, 8, 4), _unit(7, 8, 5)
+    weights = DistillWeights(relation=0.0, feature=0.0, cross=1.0)
+    same = distillation_loss(img, txt, img, txt, 10.0, weights, bank_img, bank_txt)
+    assert float(same["kd_cross"]) == pytest.approx(0.0, abs=1e-6)
+    s_img, s_txt = _unit(4, 8, 2), _unit(5, 8, 3)
+    got = distillation_loss(s_img, s_txt, img, txt, 10.0, weights, bank_img, bank_txt)
+    anchors_t, anchors_i = torch.cat([txt, bank_txt]), torch.cat([img, bank_img])
+
+    def kl(a, b):
+        p, q = b.softmax(-1), a.softmax(-1)
+        return (p * (p.log() - q.log())).sum(-1).mean()
+
+    want = 0.5 * (kl(10 * s_img @ anchors_t.T, 10 * img @ anchors_t.T)
+                  + kl(10 * s_txt @ anchors_i.T, 10 * txt @ anchors_i.T))
+    assert float(got["kd_cross"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(got["loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert "kd_cross" not in distillation_loss(s_img, s_txt, img, txt, 10.0)  # off by default
+
+
 def test_block_outputs_are_recorded_only_while_asked_and_their_loss_is_relative():
     from vlkit.compress.distill import BlockOutputs, block_loss
 
@@ -114,3 +134,21 @@ def test_a_teacher_of_another_width_is_refused(world, tmp_path):
                                   f"retrieval.distill_from={TEACHER}", f"run.dir={tmp_path / 'r'}"])
     with pytest.raises(VlkitError, match="cannot teach"):
         train(cfg, plugin)
+
+
+def test_recovery_of_an_already_pruned_model_names_its_teacher_and_takes_further_train_keys(world, tmp_path):
+    """Pruning in stages: model= is the previous stage's output, recover_teacher= the original dense model;
+    recover_train= adds `vlkit train` overrides that win over the recipe's."""
+    first = tmp_path / "stage1"
+    assert main(["prune", f"model={TEACHER}", "method=magnitude", "flops=0.8", f"out={first}"]) == 0
+    second = tmp_path / "stage2"
+    code = main(["prune", f"model={first}", "method=magnitude", "flops=0.8", f"out={second}", "recover_steps=2",
+                 "recover_batch=8", f"recover_data={world}", f"recover_teacher={TEACHER}",
+                 "recover_train=retrieval.distill_feature=3 optim.weight_decay=0"])
+    assert code == 0
+    cfg = (tmp_path / "stage2.recover" / "config.yaml").read_text()
+    assert f"distill_from: {TEACHER}" in cfg and "distill_feature: 3.0" in cfg and "weight_decay: 0" in cfg
+    report = json.loads((second / "prune_report.json").read_text())
+    dense = report["towers"]["image"]["flops_before_counted"]
+    assert dense < json.loads((first / "prune_report.json").read_text())["towers"]["image"]["flops_before_counted"]
+    assert report["recovery"]["steps"] == 2

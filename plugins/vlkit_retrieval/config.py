@@ -49,6 +49,10 @@ class RetrievalConfig:
     distill_relation: float = 1.0
     distill_feature: float = 1.0
     distill_blocks: float = 0.0
+    # cross relations: student embeddings against the teacher's embeddings of this batch and of the last
+    # distill_bank earlier batches' captions/images (0 = off), pulled to the teacher's own distributions
+    distill_cross: float = 0.0
+    distill_bank: int = bounded(8, 0)
     # the relation term's temperature, relative to the teacher's own (2 = distributions twice as soft)
     distill_temperature: float = bounded(1.0, 1e-3)
     # the ranking/contrastive loss on labels beside distillation (0 = learn from the teacher alone)

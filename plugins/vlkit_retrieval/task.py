@@ -3,6 +3,7 @@ both ways over a split's images and all of their captions."""
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -85,6 +86,9 @@ class RetrievalTask(nn.Module):
 
             blocks = (BlockOutputs(backbone.model), BlockOutputs(self.teacher.model))
         object.__setattr__(self, "block_outputs", blocks)
+        # the cross term's anchors: teacher embeddings of the last distill_bank batches (not saved: a resumed
+        # run refills it within distill_bank steps)
+        object.__setattr__(self, "teacher_bank", collections.deque(maxlen=cfg.distill_bank))
         if cfg.init_temperature > 0:
             with torch.no_grad():
                 backbone.logit_scale_param.fill_(math.log(1.0 / cfg.init_temperature))
@@ -139,9 +143,14 @@ class RetrievalTask(nn.Module):
             if recorders is not None:
                 recorders[1].recording = False
         weights = DistillWeights(relation=self.cfg.distill_relation, feature=self.cfg.distill_feature,
-                                 blocks=self.cfg.distill_blocks)
+                                 blocks=self.cfg.distill_blocks, cross=self.cfg.distill_cross)
         scale = teacher.logit_scale.detach() / self.cfg.distill_temperature  # > 1: softer targets
-        kd = distillation_loss(img, txt, t_img, t_txt, scale, weights)
+        bank = self.teacher_bank
+        bank_img = torch.cat([b[0] for b in bank]) if bank else None
+        bank_txt = torch.cat([b[1] for b in bank]) if bank else None
+        kd = distillation_loss(img, txt, t_img, t_txt, scale, weights, bank_img, bank_txt)
+        if weights.cross and bank.maxlen:
+            bank.append((t_img.detach(), t_txt.detach()))
         if recorders is not None:
             from vlkit.compress.distill import block_loss
 

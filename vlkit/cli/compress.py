@@ -4,6 +4,8 @@ vlkit.compress are imported inside the commands, so the CLI starts fast)."""
 from __future__ import annotations
 
 import logging
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +70,12 @@ def _print_prune(report: dict[str, Any], out: Path) -> None:
         flops = f"{_si(rep['flops_before_counted'])} -> {_si(rep['flops_after_counted'])}"
         print(f"{tower:6s} {heads:>9s} {neurons:>13s} {flops:>24s} {rep['flops_ratio']:6.3f}")
     print(f"params {_si(report['params_before'])} -> {_si(report['params_after'])}")
+    refit = report.get("reconstruction")
+    if isinstance(refit, str):
+        print(f"least-squares refit {refit}")
+    for tower, fits in (refit.get("fits", {}) if isinstance(refit, dict) else {}).items():
+        errs = ", ".join(f"{'attn' if f['module'] == 'attention' else 'mlp'}{f['block']} {f['err_before']:.2f}->{f['err_after']:.2f}" for f in fits)
+        print(f"least-squares refit, {tower} (relative error of each pruned module): {errs or 'nothing pruned'}")
     print(f"wrote the backbone to {out}/ (load_backbone('{out}')), prune_report.json and kept_units.png")
 
 
@@ -85,16 +93,20 @@ def _prune(args: list[str]) -> int:
         calib = calibration_batch(bb, opts.calib, opts.n_calib, split=opts.calib_split,
                                   images_dir=opts.calib_images, seed=opts.seed,
                                   need_texts="text" in towers).to(opts.device)
+    refit = _reconstruction_inputs(bb, opts, towers)
     from vlkit.compress import plot_kept_units, prune_backbone
 
     try:
         bb.model, report = prune_backbone(bb.model, opts.method, opts.flops, calib.images, calib.texts,
                                           towers=towers, seed=opts.seed, min_heads=opts.min_heads,
-                                          min_neurons=opts.min_neurons, inplace=True)
+                                          min_neurons=opts.min_neurons, inplace=True,
+                                          reconstruct_on=refit.inputs if refit else None, ridge=opts.ridge)
     except (ValueError, NotImplementedError) as exc:  # e.g. a budget below the tower's fixed FLOPs
         raise CompressError(f"cannot prune {opts.model!r}: {exc}") from None
     out = Path(opts.out)
     bb.save(out)
+    if refit is not None and "reconstruction" in report:
+        report["reconstruction"]["calibration"] = refit.source
     report.update(model=opts.model, backbone=bb.name, calibration=calib.source,
                   min_heads=opts.min_heads, min_neurons=opts.min_neurons)
     from vlkit.io import atomic_write_json
@@ -105,6 +117,28 @@ def _prune(args: list[str]) -> int:
     plot_kept_units(report, out / "kept_units.png")
     _print_prune(report, out)
     return 0
+
+
+@dataclass
+class _Refit:
+    inputs: dict[str, Any]
+    source: dict[str, Any]
+
+
+def _reconstruction_inputs(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> _Refit | None:
+    """The calibration sample the least-squares refit runs on (``reconstruct`` images and captions), or None.
+    A tower without real inputs (captions, for a folder of images) is left out: random tokens are no target."""
+    if not opts.reconstruct:
+        return None
+    from vlkit.compress.calibration import calibration_batch
+
+    calib = calibration_batch(bb, opts.calib, opts.reconstruct, split=opts.calib_split,
+                              images_dir=opts.calib_images, seed=opts.seed,
+                              need_texts="text" in towers).to(opts.device)
+    inputs = {"image": calib.images}
+    if calib.source.get("texts") == "captions":
+        inputs["text"] = calib.texts
+    return _Refit({t: inputs[t] for t in towers if t in inputs}, calib.source)
 
 
 def _recover(opts: PruneArgs, out: Path, pruned: Backbone) -> dict[str, Any]:
@@ -123,7 +157,7 @@ def _recover(opts: PruneArgs, out: Path, pruned: Backbone) -> dict[str, Any]:
                             f"(vlkit train plugin=... model.name=OUT)")
     run_dir = out.with_name(out.name + ".recover")
     overrides = [f"plugin={recipe.name}", f"model.name={out.absolute()}",
-                 *recipe.recovery(opts.model, opts.recover_task_weight, opts.recover_blocks),
+                 *recipe.recovery(opts.recover_teacher or opts.model, opts.recover_task_weight, opts.recover_blocks),
                  "train.epochs=0", f"train.max_steps={opts.recover_steps}", f"train.batch_size={opts.recover_batch}",
                  f"optim.lr={opts.recover_lr}", f"optim.warmup_steps={max(1, opts.recover_steps // 10)}",
                  f"train.seed={opts.seed}", f"run.dir={run_dir}"]
@@ -131,6 +165,7 @@ def _recover(opts: PruneArgs, out: Path, pruned: Backbone) -> dict[str, Any]:
         root = Path(opts.recover_data).absolute()
         shapes = (root / "annotations" / "captions_train.json").is_file()
         overrides += [f"data.root={root}"] if shapes else ["data=coco", f"data.root={root}"]
+    overrides += shlex.split(opts.recover_train)
     print(f"recovering by distillation: vlkit train {' '.join(overrides)}")
     plugin, cfg = resolve_config(overrides)
     metrics = train(cfg, plugin)
@@ -151,6 +186,8 @@ def _prune_mllm(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> int:
                             min_neurons=opts.min_neurons)
     except (ValueError, NotImplementedError) as exc:
         raise CompressError(f"cannot prune {opts.model!r}: {exc}") from None
+    if opts.reconstruct:
+        report["reconstruction"] = "not run: it covers open_clip towers only (the MLLM is pruned as selected)"
     out = Path(opts.out)
     bb.save(out)
     report.update(model=opts.model, backbone=bb.name, calibration={"kind": "none", "note": "weights only"},

@@ -38,6 +38,11 @@ class PruneArgs:
     # per-block units reserved before the global ranking (0 = a block may lose all its heads)
     min_heads: int = 0
     min_neurons: int = 0
+    # calibration images and captions on which the pruned attentions' and MLPs' output projections are refit by
+    # least squares to the unpruned model's (vlkit.compress.reconstruct; no training; 0 = off), and the
+    # fit's ridge (relative to the mean diagonal of its Gram matrix)
+    reconstruct: int = 256
+    ridge: float = 1e-2
     # cpu | cuda | cuda:N (where the importance scores are computed)
     device: str = "cpu"
     # > 0: recover accuracy after pruning by distillation from the unpruned model (vlkit.compress.distill):
@@ -53,6 +58,12 @@ class PruneArgs:
     recover_task_weight: float = 0.0
     # layer-wise distillation: each transformer block's output pulled to the unpruned model's (0 = off)
     recover_blocks: float = 0.0
+    # the model recovery distils from (empty = model, the unpruned one); name the original dense model when
+    # pruning in stages (each stage's model= is the previous stage's output)
+    recover_teacher: str = ""
+    # further `vlkit train` overrides for the recovery run, space-separated (e.g. "retrieval.distill_feature=4
+    # optim.weight_decay=0"); they come last, so they win
+    recover_train: str = ""
 
 
 @dataclass
@@ -89,7 +100,8 @@ class ExportArgs:
 
 PRUNE_NOTE = """\
   method: optin | magnitude | random; flops: kept fraction of each tower's FLOPs, in (0, 1]
-  calib (optin only): a folder of images, a COCO captions .json, a data set root with
+  reconstruct=N (default 256, 0 = off): refit the pruned projections by least squares on N calibration samples
+  calib (optin and reconstruct): a folder of images, a COCO captions .json, a data set root with
   annotations/captions_<calib_split>.json, or empty for a shapes world in vlkit's cache
   writes out/ (a backbone: load_backbone(out)), out/prune_report.json, out/kept_units.png
   recover_steps=N: then N steps of distillation from the unpruned model (run folder out.recover/)"""
@@ -137,6 +149,9 @@ def check_prune(opts: PruneArgs) -> tuple[str, ...]:
         raise CompressError(f"n_calib={opts.n_calib}: need at least one calibration sample (64 is a good default)")
     if opts.min_heads < 0 or opts.min_neurons < 0:
         raise CompressError("min_heads and min_neurons must be >= 0")
+    if opts.reconstruct < 0 or opts.ridge < 0:
+        raise CompressError("reconstruct is a number of calibration samples (0 = no least-squares refit) and "
+                            "ridge must be >= 0 (1e-2 is a good default)")
     if opts.recover_steps < 0 or opts.recover_batch < 1 or opts.recover_lr <= 0:
         raise CompressError("recover_steps must be >= 0 (0 = no recovery), recover_batch >= 1, recover_lr > 0")
     if opts.recover_steps and opts.pretrained:

@@ -8,6 +8,11 @@ The teacher's knowledge of an image-text backbone lies in two places, and the lo
   teachers' soft outputs alone, without labels);
 * **features**: pruning keeps the embedding width, so each student embedding is pulled to the teacher's
   by cosine distance (CLIP-KD's feature distillation);
+* **cross** (optional): each student image's softmax over the *teacher's* caption embeddings (this batch's
+  and a bank of earlier batches': many more anchors than the batch) pulled to the teacher image's softmax over
+  the same captions, and each student caption's over the teacher's images likewise (CLIP-KD's interactive
+  terms, read as relations: the anchors are fixed, so the student learns where it stands in the teacher's
+  space, not only within its own batch);
 * **blocks** (optional): pruning heads and neurons keeps every block and the residual width, so the output of
   each transformer block of the student can be pulled to the teacher's block output (layer-wise
   distillation, as structured-pruning recoveries of language models do): mean squared error relative to the
@@ -21,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,6 +38,7 @@ class DistillWeights:
     relation: float = 1.0  # KL between the teacher's and the student's similarity distributions (both ways)
     feature: float = 1.0  # 1 - cosine between the student's and the teacher's embeddings (images and texts)
     blocks: float = 0.0  # relative squared error between the student's and the teacher's block outputs
+    cross: float = 0.0  # KL of student-vs-teacher-anchor similarity distributions to the teacher's own
 
 
 def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -41,10 +48,13 @@ def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 def distillation_loss(s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, scale: float | Tensor,
-                      weights: DistillWeights | None = None) -> dict[str, Tensor]:
+                      weights: DistillWeights | None = None, bank_img: Tensor | None = None,
+                      bank_txt: Tensor | None = None) -> dict[str, Tensor]:
     """Distillation terms for a batch of L2-normalised embeddings ([N, D] images, [M, D] texts; student s,
     teacher t, same D). ``scale`` is the logit scale both similarity matrices are read at (the teacher's
-    temperature: its distributions are the targets). Returns the weighted sum as ``loss`` and each term."""
+    temperature: its distributions are the targets). ``bank_img`` / ``bank_txt`` ([K, D], teacher embeddings
+    of earlier batches) widen the anchors of the cross term. Returns the weighted sum as ``loss`` and each
+    term."""
     if s_img.shape[-1] != t_img.shape[-1] or s_txt.shape[-1] != t_txt.shape[-1]:
         raise ValueError(f"the student's embeddings ({s_img.shape[-1]}) and the teacher's ({t_img.shape[-1]}) "
                          "differ in width: distil from the backbone this one was pruned from")
@@ -53,7 +63,15 @@ def distillation_loss(s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor
     relation = 0.5 * (_kl_rows(s_sim, t_sim) + _kl_rows(s_sim.T, t_sim.T))
     feature = 0.5 * ((1 - (s_img * t_img).sum(-1)).mean() + (1 - (s_txt * t_txt).sum(-1)).mean())
     loss = weights.relation * relation + weights.feature * feature
-    return {"loss": loss, "kd_relation": relation.detach(), "kd_feature": feature.detach()}
+    out = {"kd_relation": relation.detach(), "kd_feature": feature.detach()}
+    if weights.cross:
+        anchors_txt = t_txt if bank_txt is None else torch.cat([t_txt, bank_txt.to(t_txt)])
+        anchors_img = t_img if bank_img is None else torch.cat([t_img, bank_img.to(t_img)])
+        cross = 0.5 * (_kl_rows(scale * s_img @ anchors_txt.T, scale * t_img @ anchors_txt.T)
+                       + _kl_rows(scale * s_txt @ anchors_img.T, scale * t_txt @ anchors_img.T))
+        loss = loss + weights.cross * cross
+        out["kd_cross"] = cross.detach()
+    return {"loss": loss, **out}
 
 
 class BlockOutputs:

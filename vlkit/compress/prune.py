@@ -15,6 +15,7 @@ from vlkit.compress.flops import TowerFlops, count_flops, dummy_inputs, flop_mod
 from vlkit.compress.importance import Importances, magnitude_importance, optin_importance, random_importance
 from vlkit.compress.materialize import count_parameters, materialize
 from vlkit.compress.methods import METHODS
+from vlkit.compress.reconstruct import reconstruct, snapshot_blocks
 
 __all__ = [
     "magnitude_importance", "optin_importance", "plot_kept_units", "prune_backbone", "prune_conv_channels",
@@ -149,13 +150,18 @@ def tower_report(tower: str, before: TowerFlops, after: TowerFlops, counted0: in
 def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
                    calib_images: torch.Tensor | None = None, calib_texts: torch.Tensor | None = None, *,
                    towers: Sequence[str] | None = None, seed: int = 0, min_heads: int = 0, min_neurons: int = 0,
-                   inplace: bool = False, **optin_kw: Any) -> tuple[nn.Module, dict[str, Any]]:
+                   inplace: bool = False, reconstruct_on: dict[str, torch.Tensor] | None = None,
+                   ridge: float = 1e-2, **optin_kw: Any) -> tuple[nn.Module, dict[str, Any]]:
     """One-shot structured pruning of an open_clip model's transformer towers to ``flops`` x dense FLOPs.
 
     ``model`` is the open_clip module (``Backbone.model``); calibration inputs are preprocessed images
     [B, 3, S, S] and token ids [N, L] (needed by "optin" for each pruned tower). FLOPs are per input and
     budgeted per tower. Returns (pruned model, report) where report holds kept units per block, FLOPs
-    before/after (analytic and FlopCounterMode-counted), params before/after and the pruned spec."""
+    before/after (analytic and FlopCounterMode-counted), params before/after and the pruned spec.
+
+    ``reconstruct_on`` (calibration inputs per tower, {"image": ..., "text": ...}) refits the output
+    projections of the pruned attentions and MLPs by least squares to the unpruned ones on those inputs
+    (vlkit.compress.reconstruct; ``ridge`` its regularisation); the report then holds each fit's errors."""
     towers = tuple(towers) if towers is not None else available_towers(model)
     transformer_blocks(model, towers)  # clear error for towers that cannot be pruned this way
     was_training = model.training
@@ -170,7 +176,10 @@ def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
     tokens = calib_texts[:1] if calib_texts is not None else tokens
     args = (images if "image" in towers else None, tokens if "text" in towers else None)
     counted_before, params_before = count_flops(model, *args), count_parameters(model)
+    dense = snapshot_blocks(model, towers) if reconstruct_on else None
     pruned = materialize(model, head_masks, neuron_masks, inplace=inplace)
+    refit_on = {t: v for t, v in (reconstruct_on or {}).items() if t in towers}
+    fits = reconstruct(pruned, dense, refit_on, ridge=ridge) if dense else None
     counted_after, fm_after = count_flops(pruned, *args), flop_model(pruned, towers)
     model.train(was_training)
     pruned.train(was_training)
@@ -181,6 +190,8 @@ def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
         "params_before": params_before, "params_after": count_parameters(pruned),
         "selection": info, "spec": getattr(pruned, "vlkit_pruned_spec", None),
     }
+    if fits is not None:
+        report["reconstruction"] = {"ridge": ridge, "n": {t: len(v) for t, v in refit_on.items()}, "fits": fits}
     return pruned, report
 
 
