@@ -41,8 +41,9 @@ def _embedding_cos(a, b, images, tokens) -> float:
     return float(i + t) / 2
 
 
-def test_reconstruction_lowers_every_refit_error_and_brings_held_out_embeddings_closer_to_the_dense_model():
-    dense = tiny_clip(mlp_ratio=2.0)
+@pytest.mark.parametrize("custom", [False, True], ids=["open_clip-blocks", "qk-norm-blocks"])
+def test_reconstruction_lowers_every_refit_error_and_brings_held_out_embeddings_closer_to_the_dense_model(custom):
+    dense = tiny_clip(mlp_ratio=2.0, custom=custom)
     calib, held_out = tiny_inputs(dense, batch=48, seed=1), tiny_inputs(dense, batch=16, seed=2)
     plain, _ = prune_backbone(copy.deepcopy(dense), "magnitude", 0.5)
     refit, report = prune_backbone(copy.deepcopy(dense), "magnitude", 0.5,
