@@ -103,6 +103,7 @@ def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib
     imp = importances(model, method, calib, seed)
     seconds = time.perf_counter() - t0
     fm = flop_model(model, TOWERS)
+    targets = snapshot_blocks(model, TOWERS) if refit_on is not None else None  # once: every level refits to it
     probe = (calib.images[:1], calib.texts[:1])
     dense = count_flops(model, *probe)
     for level in levels:
@@ -113,7 +114,7 @@ def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib
         refit = None
         if refit_on is not None:
             refit = copy.deepcopy(pruned)
-            reconstruct(refit, snapshot_blocks(model, TOWERS), {"image": refit_on.images, "text": refit_on.texts})
+            reconstruct(refit, targets, {"image": refit_on.images, "text": refit_on.texts})
         yield level, pruned, {t: counted[t] / dense[t] for t in TOWERS}, seconds, refit
 
 

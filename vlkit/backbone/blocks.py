@@ -258,6 +258,15 @@ def _custom_text_stages(text_tower: nn.Module) -> TowerStages:
     return TowerStages("text", text_tower._embeds, tr.resblocks, head, bool(getattr(tr, "batch_first", True)))
 
 
+def valid_tokens(tower: str, inputs: torch.Tensor, length: int) -> torch.Tensor | None:
+    """[batch, length] bool: the token positions of a tower's block activations that carry content, or None
+    when all do. Text read by argmax (end-token) pooling: positions after each caption's end token are padding."""
+    if tower != "text" or inputs.shape[-1] != length:
+        return None
+    eot = inputs.argmax(dim=-1).cpu()
+    return torch.arange(length)[None, :] <= eot[:, None]
+
+
 def tower_stages(model: nn.Module, tower: str) -> TowerStages:
     """embed/blocks/head of one tower; ``stages.forward(x)`` equals encode_image / encode_text (unnormalised)."""
     transformer_blocks(model, [tower])  # raises the clear error for unsupported towers

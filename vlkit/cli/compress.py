@@ -74,7 +74,8 @@ def _print_prune(report: dict[str, Any], out: Path) -> None:
     if isinstance(refit, str):
         print(f"least-squares refit {refit}")
     for tower, fits in (refit.get("fits", {}) if isinstance(refit, dict) else {}).items():
-        errs = ", ".join(f"{'attn' if f['module'] == 'attention' else 'mlp'}{f['block']} {f['err_before']:.2f}->{f['err_after']:.2f}" for f in fits)
+        errs = ", ".join(f"{'attn' if f['module'] == 'attention' else 'mlp'}{f['block']} "
+                         f"{f['err_before']:.2f}->{f['err_after']:.2f}" for f in fits)
         print(f"least-squares refit, {tower} (relative error of each pruned module): {errs or 'nothing pruned'}")
     print(f"wrote the backbone to {out}/ (load_backbone('{out}')), prune_report.json and kept_units.png")
 

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.backbone.blocks import TowerStages, available_towers, tower_stages, transformer_blocks
+from vlkit.backbone.blocks import (
+    TowerStages,
+    available_towers,
+    tower_stages,
+    transformer_blocks,
+    valid_tokens,
+)
 from vlkit.compress.masks import install_explicit, set_masks, uninstall
 
 Key = tuple[str, int]
@@ -50,10 +56,8 @@ def random_importance(model: nn.Module, towers: Sequence[str] | None = None, see
 
 def _token_subset(tower: str, inputs: torch.Tensor, batch: int, tokens: int, k: int, seed: int) -> torch.Tensor:
     """Flat indices into [batch * tokens] of the tokens compared by the Gram distance (text: up to EOT)."""
-    valid = torch.ones(batch, tokens, dtype=torch.bool)
-    if tower == "text" and inputs.shape[-1] == tokens:  # argmax-pooled text: positions after EOT are padding
-        eot = inputs.argmax(dim=-1).cpu()
-        valid = torch.arange(tokens)[None, :] <= eot[:, None]
+    valid = valid_tokens(tower, inputs, tokens)
+    valid = torch.ones(batch, tokens, dtype=torch.bool) if valid is None else valid
     idx = valid.flatten().nonzero().flatten()
     if idx.numel() > k:
         gen = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from vlkit.backbone.blocks import tower_stages, transformer_blocks
+from vlkit.backbone.blocks import tower_stages, transformer_blocks, valid_tokens
 from vlkit.compress.masks import install_explicit, uninstall
 
 __all__ = ["DenseBlocks", "reconstruct", "ridge_fit", "snapshot_blocks"]
@@ -58,14 +58,6 @@ def _rows(t: torch.Tensor, batch_first: bool, valid: torch.Tensor | None) -> tor
     if valid is not None:
         t = t[valid[:, : t.shape[1]].to(t.device)]
     return t.flatten(0, -2)
-
-
-def _valid_tokens(tower: str, inputs: torch.Tensor, length: int) -> torch.Tensor | None:
-    """Text: positions up to each caption's end token (argmax-pooled CLIP text; later positions are padding)."""
-    if tower != "text" or inputs.shape[-1] != length:
-        return None
-    eot = inputs.argmax(dim=-1).cpu()
-    return torch.arange(length)[None, :] <= eot[:, None]
 
 
 class _Capture:
@@ -114,7 +106,7 @@ def reconstruct(model: nn.Module, dense: Mapping[Key, nn.Module], inputs: Mappin
         for tower, batch in inputs.items():
             stages = tower_stages(model, tower)
             x, attn_mask = stages.embed(batch)
-            valid = _valid_tokens(tower, batch, x.shape[1])
+            valid = valid_tokens(tower, batch, x.shape[1])
             report[tower] = []
             for view in transformer_blocks(model, [tower]):
                 ref = dense[view.key]
