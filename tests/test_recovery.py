@@ -148,6 +148,7 @@ def test_recovery_of_an_already_pruned_model_names_its_teacher_and_takes_further
     assert code == 0
     cfg = (tmp_path / "stage2.recover" / "config.yaml").read_text()
     assert f"distill_from: {TEACHER}" in cfg and "distill_feature: 3.0" in cfg and "weight_decay: 0" in cfg
+    assert "task_weight: 0.2" in cfg  # the default: the captions' own loss at a fifth beside the teacher's terms
     report = json.loads((second / "prune_report.json").read_text())
     dense = report["towers"]["image"]["flops_before_counted"]
     assert dense < json.loads((first / "prune_report.json").read_text())["towers"]["image"]["flops_before_counted"]
