@@ -3,18 +3,20 @@
 Usage: python benchmarks/prune_recovery.py [--teacher cached:vlkit-tiny-shapes] [--flops 0.5]
        [--methods optin magnitude] [--steps 156 [312 ...]] [--task-weight W] [--lr 5e-4] [--n-calib 16]
        [--seeds 0 1 2] [--train "KEY=VALUE ..."] [--out runs/prune-recovery] [--json results.json]
-       [--plot kept_vs_steps.png]
+       [--control] [--plot kept_vs_steps.png] [--train-steps 1560]
 
 For each method: `vlkit prune model=TEACHER method=M flops=F` (both towers), the test split's R@1 both ways
 of the pruned model, then the same prune with `recover_steps=STEPS` (distillation from the teacher through
 the retrieval plugin's training on the shapes world, lr --lr, batch 128) and its test R@1. The dense
 teacher's R@1 is measured in the same run. "kept" = mean of both directions' R@1 over the teacher's.
 --control runs the same recovery on the unpruned teacher (flops=1): what the steps alone do to it (the dense
-model is not fully trained, so "kept" can pass 100%). With several --steps, the first recovery runs as above and every further one starts from the same pruned
-folder (`vlkit prune model=PRUNED method=magnitude flops=1 reconstruct=0 recover_teacher=TEACHER
-recover_steps=N`: nothing more is removed, the recovery is the same run), and --plot draws kept against steps.
+model is not fully trained, so "kept" can pass 100%). With several --steps, the first recovery runs as above
+and every further one starts from the same pruned folder (`vlkit prune model=PRUNED method=magnitude flops=1
+reconstruct=0 recover_teacher=TEACHER recover_steps=N`: nothing more is removed, the recovery is the same
+run), and --plot draws kept against steps, marking 10% of --train-steps (the teacher's training steps).
 With several --seeds each row is the mean +- std over one run per seed (the seed draws OPTIN's calibration
-sample and the recovery's data order). The default 156 steps are 10% of the 1560 steps that trained the shipped backbone (10 epochs, batch 128).
+sample and the recovery's data order). The default 156 steps are 10% of the 1560 steps that trained the
+shipped backbone (10 epochs, batch 128).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main() -> int:
     ap.add_argument("--control", action="store_true",
                     help="also run each recovery on the unpruned teacher itself (what the same steps do to it)")
     ap.add_argument("--plot", default="", help="a PNG of kept R@1 against recovery steps (mean +- std over seeds)")
+    ap.add_argument("--train-steps", type=int, default=1560,
+                    help="the steps that trained the teacher (the shipped backbone: 10 epochs of batch 128)")
     args = ap.parse_args()
     out = Path(args.out)
     dense_r1 = test_r1(args.teacher)
@@ -77,10 +81,10 @@ def main() -> int:
                 return 1
             pruned = test_r1(str(folder / method))
             runs.setdefault(method, []).append({"seed": seed, "r1": pruned, "prune_s": time.perf_counter() - t0})
+            again = ["prune", f"model={folder / method}", "method=magnitude", "flops=1", "reconstruct=0",
+                     f"recover_teacher={args.teacher}", f"seed={seed}"]  # the same pruned start, nothing removed
             for k, steps in enumerate(args.steps):
                 name = method + "-recovered" + (f"-{steps}" if len(args.steps) > 1 else "")
-                again = ["prune", f"model={folder / method}", "method=magnitude", "flops=1", "reconstruct=0",
-                         f"recover_teacher={args.teacher}", f"seed={seed}"]  # the same pruned start
                 t1 = time.perf_counter()
                 if vlkit_main([*(base if k == 0 else again), f"out={folder / name}", f"recover_steps={steps}",
                                *recover]) != 0:
@@ -97,8 +101,7 @@ def main() -> int:
                                                                   "r1": test_r1(str(folder / name))})
     dense = sum(dense_r1) / 2
     print(f"\nFLOPs {args.flops}, recovery {'/'.join(map(str, args.steps))} steps "
-          f"(task weight {_or_default(args.task_weight)}, "
-          f"lr {args.lr}, "
+          f"(task weight {_or_default(args.task_weight)}, lr {args.lr}, "
           f"seeds {' '.join(map(str, args.seeds))}); test R@1 t2i / i2t and mean kept of the dense {dense:.1f}, "
           f"mean +- std over seeds")
     summary = {}
@@ -111,7 +114,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "summary": summary}, indent=2))
     if args.plot:
-        plot_steps(summary, args.methods, args.steps, args.flops, args.plot)
+        plot_steps(summary, args.methods, args.steps, args.flops, args.plot, args.train_steps)
     return 0
 
 
@@ -123,10 +126,8 @@ def _recovered(method: str, steps: int, all_steps: list[int]) -> str:
     return method + "+recovery" + (f"@{steps}" if len(all_steps) > 1 else "")
 
 
-TRAIN_STEPS = 1560  # the shipped backbone's training: 10 epochs of batch 128 (README "The default backbone")
-
-
-def plot_steps(summary: dict, methods: list[str], steps: list[int], flops: float, path: str) -> None:
+def plot_steps(summary: dict, methods: list[str], steps: list[int], flops: float, path: str,
+               train_steps: int = 1560) -> None:
     """Kept R@1 (mean +- std over seeds) against recovery steps, from the one-shot prune (0 steps) on."""
     import matplotlib
 
@@ -146,8 +147,8 @@ def plot_steps(summary: dict, methods: list[str], steps: list[int], flops: float
         ax.errorbar([n for n, _ in control], [k[0] for _, k in control], yerr=[k[1] for _, k in control],
                     marker="s", ls="none", color="grey", capsize=3, label="the unpruned model, same steps")
     ax.axhline(98, color="grey", ls="--", lw=1, label="target 98%")
-    ax.axvline(TRAIN_STEPS / 10, color="grey", ls=":", lw=1, label="10% of training steps")
-    ax.set_xlabel(f"recovery steps (batch 128; the backbone trained {TRAIN_STEPS})")
+    ax.axvline(train_steps / 10, color="grey", ls=":", lw=1, label="10% of the teacher's training steps")
+    ax.set_xlabel(f"recovery steps (the teacher trained {train_steps})")
     ax.set_ylabel("mean R@1 kept of the dense model (%)")
     ax.set_title(f"pruned to {flops:g} of the FLOPs, recovered by distillation")
     lo = min(min(summary[m]["kept"][0] for m in methods) - 5, 90)
