@@ -5,10 +5,11 @@ Usage: python benchmarks/prune_recovery.py [--teacher cached:vlkit-tiny-shapes] 
        [--seeds 0 1 2] [--train "KEY=VALUE ..."] [--out runs/prune-recovery] [--json results.json]
        [--control] [--plot kept_vs_steps.png] [--train-steps 1560]
 
-For each method: `vlkit prune model=TEACHER method=M flops=F` (both towers), the test split's R@1 both ways
-of the pruned model, then the same prune with `recover_steps=STEPS` (distillation from the teacher through
-the retrieval plugin's training on the shapes world, lr --lr, batch 128) and its test R@1. The dense
-teacher's R@1 is measured in the same run. "kept" = mean of both directions' R@1 over the teacher's.
+For each method: `vlkit prune model=TEACHER method=M flops=F` (both towers, each to F of its own FLOPs;
+with --prune budget=model both together to F of their sum, split as vlkit prune chooses), the test split's
+R@1 both ways of the pruned model, then the same prune with `recover_steps=STEPS` (distillation from the
+teacher through the retrieval plugin's training on the shapes world, lr --lr, batch 128) and its test R@1.
+The dense teacher's R@1 is measured in the same run. "kept" = mean of both directions' R@1 over the teacher's.
 --control runs the same recovery on the unpruned teacher (flops=1): what the steps alone do to it (the dense
 model is not fully trained, so "kept" can pass 100%). With several --steps, the first recovery runs as above
 and every further one starts from the same pruned folder (`vlkit prune model=PRUNED method=magnitude flops=1

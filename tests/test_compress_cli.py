@@ -101,6 +101,28 @@ def test_bad_prune_input_fails_with_exit_code_2(saved, tmp_path, capsys, args, m
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_with_a_model_budget_splits_the_flops_between_the_towers(saved, shapes, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", f"model={saved}", "method=magnitude", "flops=0.5", "budget=model", f"calib={shapes}",
+                 "split_calib=4", "reconstruct=4", f"out={out}"]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    split = report["split"]
+    assert report["budget"] == "model" and split["n_pairs"] == 4 and split["calibration"]["texts"] == "captions"
+    assert split["fractions"] == min(split["tried"], key=lambda r: r["damage"])["fractions"]
+    assert report["model_flops"]["after_counted"] <= 0.5 * report["model_flops"]["before_counted"]
+    assert "towers' summed dense FLOPs" in capsys.readouterr().out
+    assert load_backbone(out).pruned_spec() == report["spec"]
+
+
+def test_a_model_budget_needs_captions_to_compare_splits(saved, shapes, tmp_path, capsys):
+    args = ["prune", f"model={saved}", "method=magnitude", "budget=model", f"out={tmp_path / 'out'}"]
+    assert main([*args, f"calib={shapes / 'images' / 'train'}"]) == 2
+    assert "has no captions" in capsys.readouterr().err
+    assert main([*args[:-2], "budget=both", f"out={tmp_path / 'out'}"]) == 2
+    assert "budget='both' is not tower" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_refuses_to_replace_a_folder_that_is_not_a_backbone(saved, tmp_path, capsys, monkeypatch):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(["prune", f"model={saved}", "method=random", f"out={tmp_path}"]) == 2

@@ -13,7 +13,14 @@ from vlkit.compress.flops import flop_model
 from vlkit.compress.importance import _optin_tower, magnitude_importance, optin_importance, random_importance
 from vlkit.compress.masks import masked
 from vlkit.compress.materialize import rebuild_pruned
-from vlkit.compress.prune import plot_kept_units, prune_backbone, prune_conv_channels, select_under_budget
+from vlkit.compress.prune import (
+    plot_kept_units,
+    prune_backbone,
+    prune_conv_channels,
+    relation_damage,
+    select_under_budget,
+    tower_splits,
+)
 from vlkit.compress.testing import single_thread, tiny_clip, tiny_inputs, tiny_resnet_clip
 
 
@@ -108,6 +115,56 @@ def test_select_under_budget_meets_budget_and_keeps_top_units(small, flops):
         select_under_budget(imp, fm, 0.5, min_heads=4)
 
 
+def test_tower_splits_spend_the_whole_model_budget_and_per_tower_fractions_are_kept(small):
+    model, _, _ = small
+    fm = flop_model(model)
+    dense = {t: tf.dense for t, tf in fm.items()}
+    splits = tower_splits(fm, 0.5, step=0.1)
+    assert splits[0] == {"image": 0.5, "text": 0.5}  # the even split first
+    assert len(splits) > 3 and len({round(s["image"], 6) for s in splits}) == len(splits)
+    for split in splits:
+        assert all(0 < f <= 1 for f in split.values())
+        assert sum(split[t] * dense[t] for t in fm) == pytest.approx(0.5 * sum(dense.values()))
+    assert tower_splits({"image": fm["image"]}, 0.3) == [{"image": 0.3}]
+    imp = magnitude_importance(model)
+    heads, neurons, info = select_under_budget(imp, fm, {"image": 0.8, "text": 0.3})
+    for tower, frac in (("image", 0.8), ("text", 0.3)):
+        assert (frac - 0.15) * dense[tower] < info[tower]["selected"] <= frac * dense[tower]
+    with pytest.raises(ValueError, match="no FLOP fraction for the text tower"):
+        select_under_budget(imp, fm, {"image": 0.5})
+    with pytest.raises(ValueError, match="text tower"):
+        select_under_budget(imp, fm, {"image": 0.5, "text": 1.5})
+
+
+def test_relation_damage_is_zero_for_the_dense_model_and_grows_with_the_cut(small):
+    model, _, _ = small
+    images, tokens = tiny_inputs(model, batch=8)
+    assert relation_damage(model, model, images, tokens) == pytest.approx(0.0, abs=1e-6)
+    damage = [relation_damage(model, prune_backbone(model, "magnitude", f)[0], images, tokens) for f in (0.9, 0.6)]
+    assert 0 < damage[0] < damage[1]
+
+
+def test_a_model_budget_takes_the_split_that_keeps_the_relations_best(small):
+    model, images, tokens = small
+    pairs = tiny_inputs(model, batch=8)
+    pruned, report = prune_backbone(model, "magnitude", 0.5, budget="model",
+                                    select_on={"image": pairs[0], "text": pairs[1]})
+    tried = report["split"]["tried"]
+    assert len(tried) > 2 and report["split"]["fractions"] == min(tried, key=lambda r: r["damage"])["fractions"]
+    assert report["split"]["fractions"] != {"image": 0.5, "text": 0.5}  # the tiny model's towers differ
+    best = report["split"]["fractions"]
+    for tower, rep in report["towers"].items():  # each tower meets its share, the towers together meet flops
+        assert rep["flops_after_counted"] <= best[tower] * rep["flops_before_counted"] and rep["budget_met"]
+    assert report["model_flops"]["after_counted"] <= 0.5 * report["model_flops"]["before_counted"]
+    assert report["model_flops"]["ratio"] > 0.45 and report["budget"] == "model"
+    # the reported damage is the pruned model's own
+    assert relation_damage(model, pruned, *pairs) == pytest.approx(min(r["damage"] for r in tried), rel=1e-4)
+    with pytest.raises(ValueError, match="select_on"):
+        prune_backbone(model, "magnitude", 0.5, budget="model")
+    with pytest.raises(ValueError, match="budget must be 'tower'"):
+        prune_backbone(model, "magnitude", 0.5, budget="global")
+
+
 @pytest.mark.parametrize("method", ["optin", "magnitude", "random"])
 def test_prune_backbone_reports_counted_flops_within_budget(small, method, tmp_path):
     model, images, tokens = small
@@ -172,3 +229,15 @@ def test_random_baseline_keeps_heads_and_neurons_in_proportion(small):
     assert info["image"]["selected"] <= info["image"]["budget"]
     with pytest.raises(ValueError, match="split must be"):
         select_under_budget(imp, fm, 0.6, split="fair")
+
+
+def test_every_name_vlkit_compress_exports_is_the_object_even_after_its_submodules_load():
+    import importlib
+    import types
+
+    import vlkit.compress as vc
+
+    for module in sorted(set(vc._WHERE.values())):
+        importlib.import_module(f"vlkit.compress.{module}")
+    shadowed = [name for name in vc.__all__ if isinstance(getattr(vc, name), types.ModuleType)]
+    assert not shadowed, f"submodules shadow these exports: {shadowed}"

@@ -193,6 +193,9 @@ def test_prune_cuts_the_mllm_to_the_budget_with_flops_counted_by_torch(tmp_path,
         assert pruned.encode_image(_images()).shape == (3, 32)
     assert main(["prune", "model=vlkit-tiny-llava-test", "flops=0.5", f"out={tmp_path / 'x'}"]) == 2
     assert "use one of magnitude, random" in capsys.readouterr().err
+    assert main(["prune", "model=vlkit-tiny-llava-test", "method=magnitude", "budget=model",
+                 f"out={tmp_path / 'x'}"]) == 2
+    assert "is an MLLM: prune it with budget=tower" in capsys.readouterr().err
 
 
 def test_sparsify_leaves_the_tied_output_head_dense(tmp_path):

@@ -9,7 +9,7 @@ from typing import Any
 from vlkit.plugins import DataBundle, Plugin, Task, get_plugin, list_plugins, register_plugin
 from vlkit.registry import Registry
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 load_plugin = get_plugin  # the name the docs use: vlkit.load_plugin("csp")
 

@@ -62,14 +62,23 @@ def _si(x: float) -> str:
 
 
 def _print_prune(report: dict[str, Any], out: Path) -> None:
-    print(f"pruned {report['model']} with {report['method']} to {report['flops_target']:.0%} of the dense FLOPs")
+    whose = "the towers' summed" if report.get("budget") == "model" else "each tower's"
+    print(f"pruned {report['model']} with {report['method']} to {report['flops_target']:.0%} of {whose} dense FLOPs")
+    if "split" in report:
+        tried = ", ".join(f"{'/'.join(f'{v:.2f}' for v in r['fractions'].values())}: {r['damage']:.4f}"
+                          for r in report["split"]["tried"])
+        print(f"split between {' / '.join(report['split']['fractions'])} (kept fractions) chosen on "
+              f"{report['split']['n_pairs']} held-out caption pairs by relation KL to the dense model: {tried}")
     print(f"{'tower':6s} {'heads':>9s} {'neurons':>13s} {'FLOPs/input (counted)':>24s} {'ratio':>6s}")
     for tower, rep in report["towers"].items():
         heads = f"{sum(rep['kept_heads'])}/{sum(rep['total_heads'])}"
         neurons = f"{sum(rep['kept_neurons'])}/{sum(rep['total_neurons'])}"
         flops = f"{_si(rep['flops_before_counted'])} -> {_si(rep['flops_after_counted'])}"
         print(f"{tower:6s} {heads:>9s} {neurons:>13s} {flops:>24s} {rep['flops_ratio']:6.3f}")
-    print(f"params {_si(report['params_before'])} -> {_si(report['params_after'])}")
+    mf = report.get("model_flops")
+    both = (f"all pruned towers: FLOPs {_si(mf['before_counted'])} -> {_si(mf['after_counted'])} "
+            f"({mf['ratio']:.3f}); ") if mf else ""
+    print(f"{both}params {_si(report['params_before'])} -> {_si(report['params_after'])}")
     refit = report.get("reconstruction")
     if isinstance(refit, str):
         print(f"least-squares refit {refit}")
@@ -85,6 +94,9 @@ def _prune(args: list[str]) -> int:
     towers = check_prune(opts)
     bb = _load(opts.model, opts.pretrained, opts.device)
     if getattr(bb, "kind", "clip") == "mllm":
+        if opts.budget != "tower":
+            raise CompressError(f"budget={opts.budget} splits FLOPs between a CLIP model's image and text towers; "
+                                f"{bb.name} is an MLLM: prune it with budget=tower")
         return _prune_mllm(bb, opts, towers)
     _check_towers_prunable(bb, towers)
     from vlkit.compress.calibration import Calibration, calibration_batch
@@ -95,19 +107,23 @@ def _prune(args: list[str]) -> int:
                                   images_dir=opts.calib_images, seed=opts.seed,
                                   need_texts="text" in towers).to(opts.device)
     refit = _reconstruction_inputs(bb, opts, towers)
+    select = _split_inputs(bb, opts, towers)
     from vlkit.compress import plot_kept_units, prune_backbone
 
     try:
         bb.model, report = prune_backbone(bb.model, opts.method, opts.flops, calib.images, calib.texts,
                                           towers=towers, seed=opts.seed, min_heads=opts.min_heads,
                                           min_neurons=opts.min_neurons, inplace=True,
-                                          reconstruct_on=refit.inputs if refit else None, ridge=opts.ridge)
+                                          reconstruct_on=refit.inputs if refit else None, ridge=opts.ridge,
+                                          budget=opts.budget, select_on=select.inputs if select else None)
     except (ValueError, NotImplementedError) as exc:  # e.g. a budget below the tower's fixed FLOPs
         raise CompressError(f"cannot prune {opts.model!r}: {exc}") from None
     out = Path(opts.out)
     bb.save(out)
     if refit is not None and "reconstruction" in report:
         report["reconstruction"]["calibration"] = refit.source
+    if select is not None and "split" in report:
+        report["split"]["calibration"] = select.source
     report.update(model=opts.model, backbone=bb.name, calibration=calib.source,
                   min_heads=opts.min_heads, min_neurons=opts.min_neurons)
     from vlkit.io import atomic_write_json
@@ -121,12 +137,31 @@ def _prune(args: list[str]) -> int:
 
 
 @dataclass
-class _Refit:
+class _Sample:
     inputs: dict[str, Any]
     source: dict[str, Any]
 
 
-def _reconstruction_inputs(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> _Refit | None:
+# the held-out pairs that compare FLOP splits are drawn with another seed than the refit's and OPTIN's samples
+SPLIT_SEED_OFFSET = 7919
+
+
+def _split_inputs(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> _Sample | None:
+    """The image-caption pairs on which budget=model compares splits of the FLOPs between the towers, or None
+    (budget=tower, or a single tower). Random tokens have no relation to the images: captions are required."""
+    if opts.budget != "model" or len(towers) < 2:
+        return None
+    from vlkit.compress.calibration import calibration_batch
+
+    pairs = calibration_batch(bb, opts.calib, opts.split_calib, split=opts.calib_split, images_dir=opts.calib_images,
+                              seed=opts.seed + SPLIT_SEED_OFFSET, need_texts=True).to(opts.device)
+    if pairs.source.get("texts") != "captions":
+        raise CompressError(f"budget=model compares splits on images and their captions, and calib={opts.calib!r} "
+                            f"has no captions: pass a COCO captions .json or a data set root (or budget=tower)")
+    return _Sample({"image": pairs.images, "text": pairs.texts}, pairs.source)
+
+
+def _reconstruction_inputs(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...]) -> _Sample | None:
     """The calibration sample the least-squares refit runs on (``reconstruct`` images and captions), or None.
     A tower without real inputs (captions, for a folder of images) is left out: random tokens are no target."""
     if not opts.reconstruct:
@@ -139,7 +174,7 @@ def _reconstruction_inputs(bb: Backbone, opts: PruneArgs, towers: tuple[str, ...
     inputs = {"image": calib.images}
     if calib.source.get("texts") == "captions":
         inputs["text"] = calib.texts
-    return _Refit({t: inputs[t] for t in towers if t in inputs}, calib.source)
+    return _Sample({t: inputs[t] for t in towers if t in inputs}, calib.source)
 
 
 def _recover(opts: PruneArgs, out: Path, pruned: Backbone) -> dict[str, Any]:

@@ -21,8 +21,12 @@ class PruneArgs:
     pretrained: str | None = None
     # optin (one-shot, calibrated) | magnitude (weight L1 norm) | random (a baseline)
     method: str = "optin"
-    # FLOPs kept, as a fraction of each pruned tower's dense FLOPs, in (0, 1]
+    # FLOPs kept, a fraction in (0, 1] of the dense FLOPs: of each pruned tower's own (budget=tower), or of the
+    # pruned towers' sum (budget=model: one image plus one caption; the split between the towers is the one
+    # whose pruned model keeps the dense image-text relations best on split_calib held-out caption pairs)
     flops: float = 0.6
+    budget: str = "tower"
+    split_calib: int = 256
     # a folder of images, a COCO captions .json, or a data set root holding annotations/captions_<split>.json;
     # empty = a small shapes world in vlkit's cache (only optin uses calibration data)
     calib: str = ""
@@ -100,6 +104,7 @@ class ExportArgs:
 
 PRUNE_NOTE = """\
   method: optin | magnitude | random; flops: kept fraction of each tower's FLOPs, in (0, 1]
+  budget=model: flops of both towers together, split between them on calibration captions (budget=tower: each)
   reconstruct=N (default 256, 0 = off): refit the pruned projections by least squares on N calibration samples
   calib (optin and reconstruct): a folder of images, a COCO captions .json, a data set root with
   annotations/captions_<calib_split>.json, or empty for a shapes world in vlkit's cache
@@ -147,6 +152,12 @@ def check_prune(opts: PruneArgs) -> tuple[str, ...]:
                             f"in (0, 1], e.g. flops=0.6")
     if opts.n_calib < 1:
         raise CompressError(f"n_calib={opts.n_calib}: need at least one calibration sample (64 is a good default)")
+    if opts.budget not in ("tower", "model"):
+        raise CompressError(f"budget={opts.budget!r} is not tower (each pruned tower keeps `flops` of its own "
+                            f"FLOPs) or model (the pruned towers together)")
+    if opts.budget == "model" and opts.split_calib < 2:
+        raise CompressError(f"split_calib={opts.split_calib}: budget=model compares splits on image-caption pairs' "
+                            f"similarity distributions, which needs at least 2 pairs (256 is the default)")
     if opts.min_heads < 0 or opts.min_neurons < 0:
         raise CompressError("min_heads and min_neurons must be >= 0")
     if opts.reconstruct < 0 or opts.ridge < 0:

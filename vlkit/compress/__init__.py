@@ -13,9 +13,12 @@ _WHERE = {
     "TowerFlops": "flops", "count_flops": "flops", "flop_model": "flops",
     "magnitude_importance": "importance", "optin_importance": "importance", "random_importance": "importance",
     "apply_masks": "masks", "full_masks": "masks", "masked": "masks", "remove_masks": "masks",
-    "PrunedAttention": "materialize", "materialize": "materialize", "pruned_spec": "materialize",
+    # not the function materialize: importing its submodule vlkit.compress.materialize (as vlkit.compress.prune
+    # does) sets that name on this package to the module; import it from vlkit.compress.materialize
+    "PrunedAttention": "materialize", "pruned_spec": "materialize",
     "rebuild_pruned": "materialize", "refresh_spec": "materialize",
     "plot_kept_units": "prune", "prune_backbone": "prune", "select_under_budget": "prune",
+    "choose_split": "prune", "relation_damage": "prune", "tower_splits": "prune",
     "apply_sparsity": "sparsity", "make_permanent": "sparsity", "sparsity_report": "sparsity",
     "export_onnx": "export",  # onnx is an optional dependency: imported only when exporting
 }
