@@ -104,9 +104,9 @@ def importances(model: torch.nn.Module, method: str, calib: Calibration, seed: i
 def prune_levels(model: torch.nn.Module, method: str, levels: list[float], calib: Calibration, seed: int,
                  refit_on: Calibration | None = None, split_on: Calibration | None = None):
     """(level, pruned model, seconds for the importances, the pruned model refit by least squares on
-    ``refit_on`` or None) for every level. With ``split_on`` (image-caption pairs) each
-    level is a budget over both towers, split by ``choose_split`` (separately for the plain and the refit
-    model: the refit changes which split keeps most)."""
+    ``refit_on`` or None) for every level. With ``split_on`` (image-caption pairs) each level is a budget over
+    both towers, split by ``choose_split`` (separately for the plain and the refit model: the refit changes
+    which split keeps most)."""
     t0 = time.perf_counter()
     imp = importances(model, method, calib, seed)
     seconds = time.perf_counter() - t0
