@@ -187,6 +187,8 @@ def test_prune_cuts_the_mllm_to_the_budget_with_flops_counted_by_torch(tmp_path,
         assert r["flops_before_analytic"] == r["flops_before_counted"]
         assert r["flops_after_analytic"] == r["flops_after_counted"]
         assert r["budget_met"] and 0.4 < r["flops_ratio"] <= 0.5
+    both = sum(report["towers"][t]["flops_after_counted"] for t in ("image", "text"))
+    assert report["model_flops"]["after_counted"] == both and 0.4 < report["model_flops"]["ratio"] <= 0.5
     pruned = load_backbone(out)
     assert pruned.num_parameters() == report["params_after"] < report["params_before"]
     with torch.no_grad():

@@ -75,10 +75,9 @@ def _print_prune(report: dict[str, Any], out: Path) -> None:
         neurons = f"{sum(rep['kept_neurons'])}/{sum(rep['total_neurons'])}"
         flops = f"{_si(rep['flops_before_counted'])} -> {_si(rep['flops_after_counted'])}"
         print(f"{tower:6s} {heads:>9s} {neurons:>13s} {flops:>24s} {rep['flops_ratio']:6.3f}")
-    mf = report.get("model_flops")
-    both = (f"all pruned towers: FLOPs {_si(mf['before_counted'])} -> {_si(mf['after_counted'])} "
-            f"({mf['ratio']:.3f}); ") if mf else ""
-    print(f"{both}params {_si(report['params_before'])} -> {_si(report['params_after'])}")
+    mf = report["model_flops"]
+    print(f"all pruned towers: FLOPs {_si(mf['before_counted'])} -> {_si(mf['after_counted'])} ({mf['ratio']:.3f}); "
+          f"params {_si(report['params_before'])} -> {_si(report['params_after'])}")
     refit = report.get("reconstruction")
     if isinstance(refit, str):
         print(f"least-squares refit {refit}")

@@ -121,7 +121,7 @@ def prune_mllm(backbone, method: str = "magnitude", flops: float = 0.6, *, tower
                seed: int = 0, min_heads: int = 0, min_neurons: int = 0) -> dict[str, Any]:
     """Prune ``backbone`` (an MLLMBackbone) in place to ``flops`` x each tower's dense FLOPs; returns the report
     (kept units per layer, FLOPs analytic and counted before/after, parameters, the pruned spec)."""
-    from vlkit.compress.prune import select_under_budget, tower_report
+    from vlkit.compress.prune import model_flops, select_under_budget, tower_report
 
     if method not in HF_METHODS:
         raise ValueError(f"method={method!r} on an MLLM backbone: use one of {', '.join(HF_METHODS)} (OPTIN's "
@@ -144,4 +144,5 @@ def prune_mllm(backbone, method: str = "magnitude", flops: float = 0.6, *, tower
                    for t in towers},
         "params_before": params_before, "params_after": backbone.num_parameters(),
         "selection": info, "spec": backbone.pruned_spec(),
+        "model_flops": model_flops(counted_before, counted_after, towers),
     }

@@ -227,6 +227,13 @@ def tower_report(tower: str, before: TowerFlops, after: TowerFlops, counted0: in
     }
 
 
+def model_flops(counted_before: Mapping[str, int], counted_after: Mapping[str, int],
+                towers: Sequence[str]) -> dict[str, Any]:
+    """Counted FLOPs of the pruned towers together (one input each), before and after, and their ratio."""
+    before, after = sum(counted_before[t] for t in towers), sum(counted_after[t] for t in towers)
+    return {"before_counted": before, "after_counted": after, "ratio": after / max(before, 1)}
+
+
 def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
                    calib_images: torch.Tensor | None = None, calib_texts: torch.Tensor | None = None, *,
                    towers: Sequence[str] | None = None, seed: int = 0, min_heads: int = 0, min_neurons: int = 0,
@@ -284,8 +291,7 @@ def prune_backbone(model: nn.Module, method: str = "optin", flops: float = 0.6,
         "params_before": params_before, "params_after": count_parameters(pruned),
         "selection": info, "spec": getattr(pruned, "vlkit_pruned_spec", None),
     }
-    before, after = sum(counted_before[t] for t in towers), sum(counted_after[t] for t in towers)
-    report["model_flops"] = {"before_counted": before, "after_counted": after, "ratio": after / max(before, 1)}
+    report["model_flops"] = model_flops(counted_before, counted_after, towers)
     if search is not None:
         report["split"] = {"fractions": per_tower, "n_pairs": len(select_on["image"]), "tried": search}
     if fits is not None:
